@@ -1,0 +1,206 @@
+"""Policy losses (ALGORITHMS.md §6-7): clipped surrogate, chunk/sequence ratios, RatioNorm, KL, aggregation.
+
+A *unit* is what carries one log-prob: a denoising step (image) or a token (LLM). Image log-probs are
+per-element means over the latent (the convention every clip default here assumes).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _expand_like(x: Tensor, ref: Tensor, name: str) -> Tensor:
+    # Per-sample values (B,) against per-unit tensors (B, T): append singleton dims.
+    if x.dim() < ref.dim() and x.shape == ref.shape[: x.dim()]:
+        x = x.reshape(x.shape + (1,) * (ref.dim() - x.dim()))
+    try:
+        torch.broadcast_shapes(x.shape, ref.shape)
+    except RuntimeError:
+        raise ValueError(f"{name} shape {tuple(x.shape)} does not broadcast to {tuple(ref.shape)}") from None
+    return x
+
+
+def _per_sample(std: Tensor | float, n: int, like: Tensor) -> Tensor:
+    s = torch.as_tensor(std, dtype=like.dtype, device=like.device)
+    if s.dim() == 0:
+        return s.expand(n)
+    if s.shape != (n,):
+        raise ValueError(f"std must be a scalar or shape ({n},), got {tuple(s.shape)}")
+    return s
+
+
+def clipped_surrogate_from_log_ratio(
+    log_ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float | None = None, mask: Tensor | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clip on a given log-ratio: ``max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high))`` per unit.
+
+    eps_high defaults to eps_low (DAPO: 0.2 / 0.28; flow models: 1e-4 with mean-reduced log-probs).
+    Stats (detached, over ``mask`` if given): clip_frac (units whose clipped branch is active, i.e. zero
+    gradient), approx_kl = mean(0.5 * log_ratio^2) (Flow-GRPO's form, the k2 estimator), ratio mean/min/max.
+    """
+    eps_high = eps_low if eps_high is None else eps_high
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    adv = _expand_like(adv, log_ratio, "adv").to(log_ratio.dtype)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    with torch.no_grad():
+        m = torch.ones_like(ratio) if mask is None else _expand_like(mask, ratio, "mask").to(ratio.dtype)
+        m = m.expand_as(ratio)
+        n = m.sum().clamp(min=1)
+        valid = m > 0
+        r = ratio.detach()
+        stats = {
+            "clip_frac": ((clipped > unclipped).to(r.dtype) * m).sum() / n,
+            "approx_kl": (0.5 * log_ratio.detach().pow(2) * m).sum() / n,
+            "ratio_mean": (r * m).sum() / n,
+            "ratio_min": torch.where(valid, r, torch.full_like(r, float("inf"))).min(),
+            "ratio_max": torch.where(valid, r, torch.full_like(r, float("-inf"))).max(),
+        }
+    return loss, stats
+
+
+def clipped_surrogate(
+    logp: Tensor,
+    logp_old: Tensor,
+    adv: Tensor,
+    eps_low: float,
+    eps_high: float | None = None,
+    *,
+    chunk_ids: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-unit clipped surrogate with ``rho = exp(logp - logp_old)``, or the chunk ratio when
+    ``chunk_ids`` is given (GCPO / Chunk-GRPO; GSPO = one chunk per sequence). See
+    ``clipped_surrogate_from_log_ratio`` for eps defaults and stats."""
+    if chunk_ids is None:
+        log_ratio = logp - logp_old
+    else:
+        log_ratio = chunk_log_ratios(logp, logp_old, chunk_ids, mask)
+    return clipped_surrogate_from_log_ratio(log_ratio, adv, eps_low, eps_high, mask)
+
+
+def chunk_log_ratios(logp: Tensor, logp_old: Tensor, chunk_ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``log rho_chunk`` = mean of the unit log-ratios in each chunk, broadcast back to the units.
+
+    chunk_ids: LongTensor of logp's shape, ids unique across the batch (e.g. for GSPO on (B, T) tokens:
+    ``arange(B)[:, None].expand(B, T)``). Units with mask 0 are left out of the mean (they still receive
+    their chunk's value); a chunk with no valid unit gets 0. Gradient reaches every unit of the chunk.
+    """
+    if chunk_ids.shape != logp.shape or logp_old.shape != logp.shape:
+        raise ValueError(f"logp {tuple(logp.shape)}, logp_old {tuple(logp_old.shape)} and chunk_ids "
+                         f"{tuple(chunk_ids.shape)} must have one shape")
+    ids = chunk_ids.reshape(-1).long()
+    lr = (logp - logp_old).reshape(-1)
+    w = torch.ones_like(lr) if mask is None else mask.reshape(-1).to(lr.dtype)
+    k = int(ids.max()) + 1 if ids.numel() else 0
+    total = lr.new_zeros(k).index_add(0, ids, lr * w)
+    count = lr.new_zeros(k).index_add(0, ids, w)
+    return (total / count.clamp(min=1))[ids].reshape(logp.shape)
+
+
+def chunk_ratios(logp: Tensor, logp_old: Tensor, chunk_ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``rho_chunk = exp(mean of step log-ratios in the chunk)`` per unit (see ``chunk_log_ratios``)."""
+    return torch.exp(chunk_log_ratios(logp, logp_old, chunk_ids, mask))
+
+
+def ratio_norm_log_ratio(
+    logp: Tensor, logp_old: Tensor, mean: Tensor, mean_old: Tensor, std: Tensor | float
+) -> Tensor:
+    """GRPO-Guard RatioNorm: ``log rho_hat = s * (logp - logp_old + mean((mu - mu_old)^2) / (2 s^2))``.
+
+    logp, logp_old: (N,) mean-reduced step log-probs; mean, mean_old: (N, ...) kernel means (mean_old
+    stored at rollout); std: the step std s_k (includes sqrt(h_k)), scalar or (N,). Feed the result to
+    ``clipped_surrogate_from_log_ratio`` (GRPO-Guard: eps about 2e-6, no KL).
+    """
+    n = logp.shape[0]
+    s = _per_sample(std, n, logp)
+    shift = (mean - mean_old).pow(2).reshape(n, -1).mean(1) / (2 * s * s)
+    return s * (logp - logp_old + shift)
+
+
+def kl_gaussian_mean(mean: Tensor, mean_ref: Tensor, std: Tensor | float, reduction: str = "mean") -> Tensor:
+    """Closed-form KL(N(mu, s^2 I) || N(mu_ref, s^2 I)) per sample, shape (N,).
+
+    reduction="mean": ``mean((mu - mu_ref)^2) / (2 s^2)`` over the latent elements (matches mean-reduced
+    log-probs); "sum": the true KL of the whole latent. std: scalar or (N,), the step std s_k.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    dtype = torch.promote_types(mean.dtype, torch.float32)  # kernel arithmetic in float32 at least
+    n = mean.shape[0]
+    d2 = (mean.to(dtype) - mean_ref.to(dtype)).pow(2).reshape(n, -1)
+    d2 = d2.mean(1) if reduction == "mean" else d2.sum(1)
+    s = _per_sample(std, n, d2)
+    return d2 / (2 * s * s)
+
+
+def kl_estimator(logp: Tensor, logp_ref: Tensor, kind: str = "k3") -> Tensor:
+    """Schulman's per-sample estimators of KL(pi || pi_ref) on samples from pi (the current policy).
+
+    k1 = logp - logp_ref (unbiased, high variance, can be negative); k2 = 0.5 (logp - logp_ref)^2
+    (biased, low variance); k3 = exp(logp_ref - logp) - 1 - (logp_ref - logp) (unbiased, >= 0; GRPO's).
+    """
+    if kind == "k1":
+        return logp - logp_ref
+    if kind == "k2":
+        return 0.5 * (logp - logp_ref).pow(2)
+    if kind == "k3":
+        d = logp_ref - logp
+        return torch.exp(d) - 1 - d
+    raise ValueError(f"kl kind must be 'k1', 'k2' or 'k3', got {kind!r}")
+
+
+def aggregate(
+    loss: Tensor,
+    mask: Tensor | None = None,
+    mode: str = "token-mean",
+    global_tokens: int | Tensor | None = None,
+    global_seqs: int | Tensor | None = None,
+    norm_len: int | None = None,
+) -> Tensor:
+    """Reduce per-unit losses to a scalar whose SUM over all micro-batches and processes of one update
+    equals the full-batch value, so the gradient does not depend on world size, accumulation or micro-batch.
+
+    token-mean: ``sum(loss * mask) / global_tokens`` (DAPO; image steps use this with loss of shape (N,)).
+    seq-mean-token-mean: ``sum_seq(mean_tok(loss)) / global_seqs`` (GRPO).
+    seq-mean-token-sum-norm: ``sum_seq(sum_tok(loss) / norm_len) / global_seqs`` (Dr. GRPO; norm_len is a
+        fixed budget such as the max response length, required so padding width cannot change it).
+    global_tokens: valid units in the whole update; global_seqs: sequences with >= 1 valid unit in the whole
+    update (all-reduce them). Left None they are counted here, which is right only when this call sees the
+    whole update. Undo any averaging the framework adds (DDP's mean over processes, accelerate's division
+    by accumulation steps): the sum is the target.
+    """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"mode must be one of {AGGREGATIONS}, got {mode!r}")
+    m = torch.ones_like(loss) if mask is None else mask.to(loss.dtype)
+    if m.shape != loss.shape:
+        raise ValueError(f"mask shape {tuple(m.shape)} does not match loss shape {tuple(loss.shape)}")
+    if mode == "token-mean":
+        denom = m.sum() if global_tokens is None else global_tokens
+        return (loss * m).sum() / torch.as_tensor(denom, dtype=loss.dtype, device=loss.device).clamp(min=1)
+    if loss.dim() != 2:
+        raise ValueError(f"mode {mode!r} needs loss of shape (seqs, tokens), got {tuple(loss.shape)}")
+    tokens = m.sum(-1)
+    seq_sum = (loss * m).sum(-1)
+    if mode == "seq-mean-token-mean":
+        per_seq = seq_sum / tokens.clamp(min=1)
+    else:
+        if norm_len is None or norm_len <= 0:
+            raise ValueError(f"mode {mode!r} needs a positive norm_len (e.g. the max response length)")
+        per_seq = seq_sum / norm_len
+    denom = (tokens > 0).sum() if global_seqs is None else global_seqs
+    return per_seq.sum() / torch.as_tensor(denom, dtype=loss.dtype, device=loss.device).clamp(min=1)
+
+
+# Configs pick a policy loss by name; every entry has clipped_surrogate's signature and returns
+# (per-unit loss, stats). Forward-process losses (DGPO, DiffusionNFT) belong elsewhere: no ratio.
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
+    "clip": clipped_surrogate,
+}

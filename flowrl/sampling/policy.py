@@ -1,0 +1,99 @@
+"""The policy interface: what the sampler MDP needs from a model (flowrl.models adapts diffusers pipelines).
+
+An adapter encodes prompts once, predicts the model output (velocity for flows, epsilon / v for UNets) with
+classifier-free guidance for a batch of states that may come from different prompts and steps, decodes latents
+to images, gives the scheduler's own grid and names the trainable modules. It owns no sampling logic: that is
+``flowrl.sampling``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowrl.sampling.kernels import Grid
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts: per-prompt tensors (row i = prompt i) for the conditional and unconditional branch,
+    plus tensors shared by every row (e.g. FLUX's text position ids)."""
+
+    cond: dict[str, Tensor]
+    uncond: dict[str, Tensor] | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(next(iter(self.cond.values())).shape[0])
+
+    def take(self, idx: Tensor, branch: str = "cond") -> dict[str, Tensor]:
+        rows = self.cond if branch == "cond" else self.uncond
+        return {k: v[idx] for k, v in rows.items()}
+
+
+class Policy(ABC):
+    """A text-to-image model seen as the policy of the sampler MDP."""
+
+    family: str = "flow"          # "flow" (velocity, rectified flow) or "ddim" (epsilon / v-prediction UNet)
+    denoiser: nn.Module           # the trained network; the trainer may swap in a DDP-wrapped twin
+    default_height: int
+    default_width: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    @abstractmethod
+    def encode(self, prompts: list[str], negative_prompt: str | list[str] | None = "") -> Conditioning:
+        """Encode prompts once per iteration (no grad). ``negative_prompt`` None: no unconditional branch."""
+
+    @abstractmethod
+    def grid(self, num_steps: int, height: int | None = None, width: int | None = None) -> Grid:
+        """The scheduler's own sampling grid for this resolution."""
+
+    @abstractmethod
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        """Shape of one sample's state as the sampler sees it (FLUX: packed tokens)."""
+
+    @abstractmethod
+    def forward(self, x: Tensor, timesteps: Tensor, cond: dict[str, Tensor], shared: dict[str, Any],
+                guidance_scale: float) -> Tensor:
+        """One batched network call on states ``x`` with per-row conditioning; returns the raw output."""
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Clean latents -> images in [0, 1], (N, 3, H, W) float32."""
+
+    def cfg_weight(self, guidance_scale: float) -> float:
+        """The classifier-free guidance weight w in v = v_u + w (v_c - v_u). FLUX overrides it: there
+        ``guidance_scale`` feeds the distilled guidance embedding and true CFG has its own scale."""
+        return guidance_scale
+
+    def uses_cfg(self, cond: Conditioning, guidance_scale: float) -> bool:
+        return cond.uncond is not None and self.cfg_weight(guidance_scale) > 1
+
+    def predict(self, x: Tensor, timesteps: Tensor, cond: Conditioning, prompt_idx: Tensor,
+                guidance_scale: float) -> Tensor:
+        """Model output for states ``x`` (N, ...) of prompts ``prompt_idx`` (N,) at ``timesteps`` (N,), with
+        classifier-free guidance as one stacked [uncond; cond] call, as the diffusers pipelines do. float32."""
+        x_in = x.to(self.dtype)
+        if self.uses_cfg(cond, guidance_scale):
+            rows = {k: torch.cat([cond.take(prompt_idx, "uncond")[k], v]) for k, v in cond.take(prompt_idx).items()}
+            out = self.forward(torch.cat([x_in, x_in]), torch.cat([timesteps, timesteps]), rows, cond.shared,
+                               guidance_scale)
+            out_u, out_c = out.float().chunk(2)  # guidance arithmetic in float32, like the kernels
+            return out_u + self.cfg_weight(guidance_scale) * (out_c - out_u)
+        return self.forward(x_in, timesteps, cond.take(prompt_idx), cond.shared, guidance_scale).float()
+
+    def cfg_factor(self, cond: Conditioning, guidance_scale: float) -> int:
+        return 2 if self.uses_cfg(cond, guidance_scale) else 1
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"denoiser": self.denoiser}

@@ -1,0 +1,130 @@
+"""Tiny offline pipelines: they run, tokenize, encode prompts, reload bit-identically and build deterministically."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline  # noqa: E402
+
+from flowrl.models.tiny import (  # noqa: E402
+    DEFAULT_SIZE, FAMILIES, WORDS, build_tiny, clip_tokenizer, save_tiny, t5_tokenizer,
+)
+
+LATENT_SHAPE = {"sd3": (2, 4, 32, 32), "flux": (2, 256, 16), "sd": (2, 4, 32, 32)}  # flux latents are packed
+PROMPTS = ["a red circle left of a blue square", "three green triangles on a white background"]
+
+
+def _call_kwargs(family):
+    kw = {"height": DEFAULT_SIZE[family], "width": DEFAULT_SIZE[family]}
+    if family != "sd":
+        kw["max_sequence_length"] = 32
+    return kw
+
+
+def _run(pipe, family, seed=0, steps=2):
+    gen = torch.Generator().manual_seed(seed)
+    return pipe(PROMPTS, num_inference_steps=steps, generator=gen, output_type="latent",
+                **_call_kwargs(family)).images
+
+
+def _encode(pipe, family, prompt):
+    """Prompt embeddings (sequence, pooled-or-None) through each pipeline's own encode_prompt."""
+    if family == "sd3":
+        seq, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, do_classifier_free_guidance=False,
+                                               max_sequence_length=32)
+        return seq, pooled
+    if family == "flux":
+        seq, pooled, _ = pipe.encode_prompt(prompt, prompt, max_sequence_length=32)
+        return seq, pooled
+    seq, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    return seq, None
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    out = {f: build_tiny(f) for f in FAMILIES}
+    for p in out.values():
+        p.set_progress_bar_config(disable=True)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runs_and_gives_finite_latents(pipes, family):
+    pipe = pipes[family]
+    assert all(not m.training for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+    lat = _run(pipe, family)
+    assert tuple(lat.shape) == LATENT_SHAPE[family]
+    assert torch.isfinite(lat).all()
+
+
+def test_tokenizers_keep_words_whole():
+    clip, clip_bang, t5 = clip_tokenizer(), clip_tokenizer(pad_token="!"), t5_tokenizer()
+    assert clip.model_max_length == 77 and clip_bang.pad_token == "!"
+    assert clip.pad_token_id == clip.eos_token_id != clip.bos_token_id
+    for word in WORDS:
+        assert len(clip(word).input_ids) == 3, word  # bos, word, eos
+        assert len(t5(word).input_ids) == 2, word  # word, </s>
+    ids = clip(PROMPTS[0]).input_ids
+    assert len(ids) == len(PROMPTS[0].split()) + 2 and clip.unk_token_id not in ids[1:-1]
+    assert len(t5(PROMPTS[0]).input_ids) == len(PROMPTS[0].split()) + 1
+    assert t5.unk_token_id not in t5("Odd text: x7, q!").input_ids  # ASCII falls back to characters
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompts_tokenize_and_embed_differently(pipes, family):
+    pipe = pipes[family]
+    toks = [t for name, t in pipe.components.items() if name.startswith("tokenizer")]
+    for tok in toks:
+        ids = tok(PROMPTS[0]).input_ids
+        assert len(ids) > 2 and len(set(ids) - {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) > 1
+    with torch.no_grad():
+        (seq_a, pooled_a), (seq_b, pooled_b) = (_encode(pipe, family, p) for p in PROMPTS)
+    assert torch.isfinite(seq_a).all() and not torch.allclose(seq_a, seq_b)
+    if pooled_a is not None:
+        assert not torch.allclose(pooled_a, pooled_b)
+    if family == "sd3":  # both CLIPs (channels 0:16, 16:32 of the first 77 rows) and T5 (rows 77:) contribute
+        for part in (seq_a[:, :77, :16] - seq_b[:, :77, :16], seq_a[:, :77, 16:] - seq_b[:, :77, 16:],
+                     seq_a[:, 77:] - seq_b[:, 77:]):
+            assert part.abs().max() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_reload_is_bit_identical(pipes, family, tmp_path):
+    path = save_tiny(family, tmp_path / family)
+    loader = StableDiffusion3Pipeline if family == "sd3" else DiffusionPipeline
+    loaded = loader.from_pretrained(path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is type(pipes[family])
+    for name, module in pipes[family].components.items():
+        if isinstance(module, torch.nn.Module):
+            assert not loaded.components[name].training
+            ref, got = module.state_dict(), loaded.components[name].state_dict()
+            assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), name
+    assert torch.equal(_run(pipes[family], family, seed=3), _run(loaded, family, seed=3))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_builds_are_deterministic_and_leave_global_rng_alone(pipes, family):
+    state = torch.get_rng_state()
+    again, other = build_tiny(family, seed=0), build_tiny(family, seed=1)
+    assert torch.equal(state, torch.get_rng_state())
+    for name, module in pipes[family].components.items():
+        if isinstance(module, torch.nn.Module):
+            ref = module.state_dict()
+            assert all(torch.equal(ref[k], v) for k, v in again.components[name].state_dict().items()), name
+            assert any(not torch.equal(ref[k], v) for k, v in other.components[name].state_dict().items()), name
+
+
+def test_sd_prediction_type_and_unknown_family():
+    pipe = build_tiny("sd", prediction_type="v_prediction")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.steps_offset == 1
+    with pytest.raises(ValueError):
+        build_tiny("sdxl")
+
+
+def test_bfloat16_build():
+    pipe = build_tiny("flux", dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.text_encoder_2.dtype == torch.bfloat16
