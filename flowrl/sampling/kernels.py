@@ -51,11 +51,12 @@ def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduction: str 
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    x_next, mean = x_next.float(), mean.float()
-    s = _per_sample(std, x_next)
-    elem = -((x_next - mean) ** 2) / (2 * s**2) - torch.log(s) - LOG_SQRT_2PI
-    dims = tuple(range(1, x_next.ndim))
-    return elem.mean(dim=dims) if reduction == "mean" else elem.sum(dim=dims)
+    sq = torch.sub(x_next.float(), mean.float()).square_().flatten(1)
+    sq = sq.mean(1) if reduction == "mean" else sq.sum(1)
+    n = 1 if reduction == "mean" else x_next[0].numel()
+    std = torch.as_tensor(std, dtype=torch.float32, device=sq.device).expand(sq.shape[0])
+    # per element: -(x - mu)^2 / (2 s^2) - log s - log sqrt(2 pi), reduced; s is constant within a sample
+    return -sq / (2 * std**2) - n * (torch.log(std) + LOG_SQRT_2PI)
 
 
 def sample_step(mean: Tensor, std: Tensor, *, noise: Tensor | None = None, generator=None,
@@ -69,7 +70,7 @@ def sample_step(mean: Tensor, std: Tensor, *, noise: Tensor | None = None, gener
     if prev_sample is None:
         if noise is None:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-        prev_sample = mean + _per_sample(std, mean) * noise.float()
+        prev_sample = torch.addcmul(mean, _per_sample(std, mean), noise.float())  # as the rollout computes it
     stochastic = bool((std > 0).all())
     if not stochastic and bool((std > 0).any()):
         raise ValueError("a batch mixes deterministic (std 0) and stochastic samples; step them separately")
@@ -91,7 +92,8 @@ def flow_sde_mean_std(x: Tensor, v: Tensor, t, t_next, g) -> tuple[Tensor, Tenso
     t_, tn = _per_sample(t, x), _per_sample(t_next, x)
     g_ = _per_sample(g, x)
     dt = tn - t_
-    mean = x + dt * (v + g_**2 / (2 * t_) * (x + (1 - t_) * v))
+    c = g_**2 / (2 * t_) * dt  # per-sample scalars first, so the latent-sized work is two fused multiply-adds
+    mean = torch.addcmul(x * (1 + c), v, dt + c * (1 - t_))
     std = (g_ * torch.sqrt(-dt)).reshape(-1)
     return mean, std
 

@@ -58,6 +58,16 @@ class Policy(ABC):
     def grid(self, num_steps: int, height: int | None = None, width: int | None = None) -> Grid:
         """The scheduler's own sampling grid for this resolution."""
 
+    def sampling_grid(self, num_steps: int, height: int | None = None, width: int | None = None) -> Grid:
+        """``grid`` on the policy's device, cached per (steps, resolution, device, scheduler object): building
+        it goes through the scheduler's set_timesteps, which costs more than a sampler step's own math."""
+        scheduler = getattr(getattr(self, "pipe", None), "scheduler", None)
+        key = (num_steps, height, width, str(self.device), id(scheduler))
+        cache = self.__dict__.setdefault("_grid_cache", {})
+        if key not in cache:
+            cache[key] = self.grid(num_steps, height, width).to(self.device)
+        return cache[key]
+
     @abstractmethod
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
         """Shape of one sample's state as the sampler sees it (FLUX: packed tokens)."""
@@ -79,18 +89,27 @@ class Policy(ABC):
     def uses_cfg(self, cond: Conditioning, guidance_scale: float) -> bool:
         return cond.uncond is not None and self.cfg_weight(guidance_scale) > 1
 
-    def predict(self, x: Tensor, timesteps: Tensor, cond: Conditioning, prompt_idx: Tensor,
-                guidance_scale: float) -> Tensor:
-        """Model output for states ``x`` (N, ...) of prompts ``prompt_idx`` (N,) at ``timesteps`` (N,), with
-        classifier-free guidance as one stacked [uncond; cond] call, as the diffusers pipelines do. float32."""
-        x_in = x.to(self.dtype)
+    def rows(self, cond: Conditioning, prompt_idx: Tensor, guidance_scale: float) -> dict[str, Tensor]:
+        """Per-row conditioning for a batch of states of prompts ``prompt_idx``: [uncond; cond] under CFG.
+        A rollout builds it once per frontier and reuses it at every step."""
         if self.uses_cfg(cond, guidance_scale):
-            rows = {k: torch.cat([cond.take(prompt_idx, "uncond")[k], v]) for k, v in cond.take(prompt_idx).items()}
+            unc = cond.take(prompt_idx, "uncond")
+            return {k: torch.cat([unc[k], v]) for k, v in cond.take(prompt_idx).items()}
+        return cond.take(prompt_idx)
+
+    def predict(self, x: Tensor, timesteps: Tensor, cond: Conditioning, prompt_idx: Tensor,
+                guidance_scale: float, rows: dict[str, Tensor] | None = None) -> Tensor:
+        """Model output for states ``x`` (N, ...) of prompts ``prompt_idx`` (N,) at ``timesteps`` (N,), with
+        classifier-free guidance as one stacked [uncond; cond] call, as the diffusers pipelines do. float32.
+        ``rows``: ``self.rows(cond, prompt_idx, guidance_scale)`` if already built."""
+        x_in = x.to(self.dtype)
+        rows = self.rows(cond, prompt_idx, guidance_scale) if rows is None else rows
+        if self.uses_cfg(cond, guidance_scale):
             out = self.forward(torch.cat([x_in, x_in]), torch.cat([timesteps, timesteps]), rows, cond.shared,
                                guidance_scale)
             out_u, out_c = out.float().chunk(2)  # guidance arithmetic in float32, like the kernels
             return out_u + self.cfg_weight(guidance_scale) * (out_c - out_u)
-        return self.forward(x_in, timesteps, cond.take(prompt_idx), cond.shared, guidance_scale).float()
+        return self.forward(x_in, timesteps, rows, cond.shared, guidance_scale).float()
 
     def cfg_factor(self, cond: Conditioning, guidance_scale: float) -> int:
         return 2 if self.uses_cfg(cond, guidance_scale) else 1

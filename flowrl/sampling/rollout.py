@@ -22,9 +22,9 @@ RECORDABLE = ("mean", "noise")
 ODE_SOLVERS = ("euler", "dpm2m")
 
 
-def _predict(policy: Policy, x, timesteps, cond, prompt_idx, guidance_scale, max_batch):
+def _predict(policy: Policy, x, timesteps, cond, prompt_idx, guidance_scale, rows, max_batch):
     if max_batch is None or x.shape[0] <= max_batch:
-        return policy.predict(x, timesteps, cond, prompt_idx, guidance_scale)
+        return policy.predict(x, timesteps, cond, prompt_idx, guidance_scale, rows=rows)
     return torch.cat([policy.predict(x[i:i + max_batch], timesteps[i:i + max_batch], cond,
                                      prompt_idx[i:i + max_batch], guidance_scale)
                       for i in range(0, x.shape[0], max_batch)])
@@ -75,7 +75,7 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
     if len(prompt_ids) != len(prompts):
         raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
     device = policy.device
-    grid = policy.grid(num_steps, height, width).to(device)
+    grid = policy.sampling_grid(num_steps, height, width)
     kernel.check(grid)
     if ode_solver == "dpm2m" and grid.family != "flow":
         raise ValueError("ode_solver 'dpm2m' needs a flow model; DDIM models step deterministically with eta = 0")
@@ -104,22 +104,26 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
     edges = {n: [] for n in ("src", "dst", "step", "sde", "scale", "std", "logp", "mean", "noise")}
     front = torch.arange(len(keys))           # node ids of the frontier
     front_tree = torch.arange(len(keys))
-    n_nodes, n_edges, nfe, memory = len(keys), 0, 0, None
+    n_nodes, n_edges, nfe, memory, rows = len(keys), 0, 0, None, None
 
     for k in range(num_steps):
         N = x.shape[0]
-        pidx = tree_prompt[front_tree]
-        out = _predict(policy, x, grid.timesteps[k].expand(N), cond, pidx.to(device), guidance_scale, max_batch)
+        pidx = tree_prompt[front_tree].to(device)
+        if rows is None and (max_batch is None or N <= max_batch):  # rebuilt only when the frontier branches
+            rows = policy.rows(cond, pidx, guidance_scale)
+        out = _predict(policy, x, grid.timesteps[k].expand(N), cond, pidx, guidance_scale, rows, max_batch)
         nfe += N
         K, s = plan.branching(k), float(scales[k])
         if s > 0:
             kvec = torch.full((N,), k, device=device)
             mean, std = kernel.mean_std(x, out, grid, kvec, torch.full((N,), s, device=device))
             z, keys = _branch_noise(keys, k, K, plan.correlation, shape, device)
-            mean, std = mean.repeat_interleave(K, 0), std.repeat_interleave(K)
-            x_next = mean + std.view(-1, *[1] * len(shape)) * z
+            if K > 1:
+                mean, std = mean.repeat_interleave(K, 0), std.repeat_interleave(K)
+            x_next = torch.addcmul(mean, std.view(-1, *[1] * len(shape)), z)
             logp = gaussian_log_prob(x_next, mean, std, reduction)
             memory = None  # a multistep ODE solver restarts after a stochastic step
+            rows = rows if K == 1 else None
         else:
             if grid.family == "ddim":
                 x_next, _ = kernel.mean_std(x, out, grid, torch.full((N,), k, device=device), torch.zeros(N, device=device))
