@@ -17,24 +17,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from flowrl.models import load_policy  # noqa: E402
 from flowrl.models.tiny import save_tiny  # noqa: E402
+from flowrl.train.images import save_grid  # noqa: E402
 from flowrl.sampling import DDIMEta, Flat, FlowSDE, SplitAt, Window, rollout, score_edges  # noqa: E402
-
-
-def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
-    """(N, 3, H, W) in [0, 1] -> one PNG, ``cols`` images per row."""
-    n, _, h, w = images.shape
-    rows = (n + cols - 1) // cols
-    canvas = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for i, img in enumerate(pixels):
-        canvas[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
-    Image.fromarray(canvas).save(path)
 
 
 def main():

@@ -1,0 +1,118 @@
+"""Config sections -> objects: sampler pieces, prompt sets, model family. Shared by validation and the trainer,
+so a config that validates is one that builds."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowrl.sampling import KERNELS, PLANS, SCHEDULES
+from flowrl.train.config import ConfigError
+
+FAMILY_OF_PIPELINE = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "StableDiffusionPipeline": "sd"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _from_registry(spec: dict, registry: dict, key: str):
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in registry:
+        raise ConfigError(f"{key}.name: {name!r} is not one of {sorted(registry)}")
+    cls = registry[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for param in spec:
+        if param not in fields:
+            raise ConfigError(f"unknown config key {key}.{param} for {name} (its parameters: {sorted(fields)})")
+    if isinstance(spec.get("start"), list):
+        spec["start"] = tuple(spec["start"])
+    try:
+        return cls(**spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def make_kernel(spec: dict):
+    return _from_registry(spec, KERNELS, "sampling.kernel")
+
+
+def make_schedule(spec: dict, seed: int = 0):
+    spec = dict(spec)
+    if spec.get("name") == "window":
+        spec.setdefault("seed", seed)
+    return _from_registry(spec, SCHEDULES, "sampling.schedule")
+
+
+def make_plan(spec: dict):
+    return _from_registry(spec, PLANS, "sampling.plan")
+
+
+def model_family(path: str) -> str:
+    """sd3 | flux | sd, from ``tiny:<family>`` or the folder's model_index.json; checked before loading.
+
+    A hub id is accepted as is when the hub is reachable, and must be in the local cache when HF_HUB_OFFLINE is
+    set (otherwise loading would fail minutes later)."""
+    if path.startswith("tiny:"):
+        family = path.split(":", 1)[1]
+        if family not in ("sd3", "flux", "sd"):
+            raise ConfigError(f"model.path: unknown tiny family {family!r} (sd3, flux, sd)")
+        return family
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        if Path(path).exists() or not HUB_ID.match(path):
+            raise ConfigError(f"model.path: {path} is not a diffusers pipeline folder (no model_index.json)")
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "model_index.json")
+        if not isinstance(cached, str):
+            if os.environ.get("HF_HUB_OFFLINE"):
+                raise ConfigError(f"model.path: {path} is not a local folder and not in the hub cache "
+                                  "(HF_HUB_OFFLINE is set)")
+            return "unknown"  # resolved at load time
+        index = Path(cached)
+    cls = json.loads(index.read_text()).get("_class_name", "")
+    if cls not in FAMILY_OF_PIPELINE:
+        raise ConfigError(f"model.path: {path} holds a {cls or 'unknown'} pipeline; supported: "
+                          f"{sorted(FAMILY_OF_PIPELINE)}")
+    return FAMILY_OF_PIPELINE[cls]
+
+
+@dataclass
+class PromptSet:
+    prompts: list[str]
+    metadata: list[dict]
+
+    def __len__(self):
+        return len(self.prompts)
+
+
+def load_prompts(path: str, key: str = "data.train_prompts") -> PromptSet:
+    """A .txt file (one prompt a line, blank lines skipped) or .jsonl ({"prompt": ..., other keys: metadata})."""
+    if not path:
+        raise ConfigError(f"{key}: no prompt file given")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{key}: prompt file not found: {path}")
+    prompts, metadata = [], []
+    if p.suffix == ".jsonl":
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}: {path}:{i} is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ConfigError(f"{key}: {path}:{i} has no string field 'prompt'")
+            prompts.append(row.pop("prompt"))
+            metadata.append(row)
+    elif p.suffix == ".txt":
+        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        metadata = [{} for _ in prompts]
+    else:
+        raise ConfigError(f"{key}: {path} must be a .txt or .jsonl file")
+    if not prompts:
+        raise ConfigError(f"{key}: {path} holds no prompts")
+    return PromptSet(prompts, metadata)

@@ -1,0 +1,263 @@
+"""The typed training config: YAML in, validated dataclasses out, before any model is loaded.
+
+Every section is a dataclass; a YAML key that is not a field, or a value of the wrong type, is an error that
+names the dotted key. ``--set a.b=value`` overrides parse ``value`` as YAML. Kernel / schedule / plan are
+``{name: ..., <params>}`` mappings checked against the registries in ``flowrl.sampling`` (their params are the
+dataclass fields of the chosen class), so a recipe can name any of them without new config code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the dotted key."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    iterations: int = 10
+    mixed_precision: str = "no"          # accelerate: no | fp16 | bf16
+    save_every: int = 0                  # iterations between checkpoints; 0: only at the end
+    log_samples_every: int = 0           # iterations between training sample grids; 0: never
+    progress: bool = True
+    dump_advantages: bool = False        # write advantages.jsonl (per sample: prompt id, rewards, advantage)
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny:sd3"               # a diffusers folder, a hub id, or tiny:<sd3|flux|sd> (built offline)
+    dtype: str = "float32"               # weights of the frozen parts; trained weights stay float32
+    max_sequence_length: int = 256       # T5 tokens (SD3 / FLUX)
+    height: int | None = None            # None: the pipeline's default resolution
+    width: int | None = None
+    true_cfg_scale: float = 1.0          # FLUX only: true CFG with a negative prompt
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "lora"                   # lora | full
+    lora_rank: int = 32
+    lora_alpha: float | None = None      # None: = rank
+    lora_target_modules: list[str] | None = None  # None: the family's default (flowrl.train.lora)
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0               # EMA of the trained weights (0: off); used for eval and the output
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10
+    guidance_scale: float = 4.5
+    negative_prompt: str = ""
+    kernel: dict = field(default_factory=lambda: {"name": "flow_sde", "a": 0.7})
+    schedule: dict = field(default_factory=lambda: {"name": "constant"})
+    plan: dict = field(default_factory=lambda: {"name": "flat", "G": 8})
+    ode_solver: str = "euler"
+    max_batch: int | None = None         # cap on states per model call during rollout (memory)
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str = ""              # .txt (one prompt a line) or .jsonl ({"prompt": ..., ...metadata})
+    eval_prompts: str | None = None
+    prompts_per_iteration: int = 8       # global; every process takes whole prompt groups
+
+
+@dataclass
+class RewardConfig:
+    components: Any = "brightness:1.0"   # "name:w,name:w", a list, or {name: weight}
+    kwargs: dict = field(default_factory=dict)  # per reward name: constructor arguments
+    combine: str = "sum_then_normalize"  # or normalize_then_sum
+
+
+@dataclass
+class AdvantageConfig:
+    std: str = "global"                  # group | global (Flow-GRPO) | none (Dr. GRPO)
+    eps: float = 1e-4
+    clip: float | None = 5.0
+    per_prompt_tracker: bool = False     # Flow-GRPO's history-based per-prompt stats
+
+
+@dataclass
+class TrainingConfig:
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_iterations: int = 0
+    inner_epochs: int = 1
+    micro_batch_size: int = 8            # training units (denoising steps) per forward/backward per process
+    clip_eps_low: float = 1e-4           # for mean-reduced log-probs
+    clip_eps_high: float | None = None   # None: = clip_eps_low
+    kl_beta: float = 0.0                 # closed-form Gaussian KL to the base weights (adapter off)
+    timestep_fraction: float = 1.0       # fraction of each trajectory's stochastic steps trained (DanceGRPO)
+    log_prob_reduction: str = "mean"
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0                       # iterations between evaluations (ODE sampler, eval prompts); 0: never
+    num_prompts: int = 8
+    num_steps: int | None = None         # None: sampling.num_steps
+    seed: int = 1234
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------------ typed building
+
+
+def _check_type(value, tp, key: str):
+    """``value`` converted to ``tp`` (int -> float widening only), or ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string: a YAML 1.1 quirk, not a typo
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def build_dataclass(cls, data: dict | None, prefix: str = ""):
+    """Instantiate dataclass ``cls`` from a mapping, strictly: unknown keys and wrong types name the key."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            close = [n for n in names if n.lower() == str(key).lower() or _similar(n, str(key))]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = build_dataclass(tp, data[f.name], f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _check_type(data[f.name], tp, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _similar(a: str, b: str) -> bool:
+    """Edit distance <= 2: enough to point at a typo."""
+    if abs(len(a) - len(b)) > 2:
+        return False
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1] <= 2
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["a.b=value", ...]`` applied to a nested mapping; values are parsed as YAML (``lr=1e-4``, ``x=[1,2]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: cannot parse {raw!r}: {e}") from None
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe, apply overrides, build and validate the Config (no model is touched)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    cfg = build_dataclass(Config, data)
+    from flowrl.train.validate import validate  # noqa: PLC0415 (validation needs the registries)
+
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,70 @@
+"""What is trained and how it is saved: LoRA through peft (diffusers' adapter integration) or full fine-tuning.
+
+LoRA output is the diffusers LoRA format (``pipe.load_lora_weights(run_dir / "lora")`` in plain diffusers); full
+fine-tuning writes a diffusers pipeline folder. The reference for KL is the base model: the adapter switched off
+(LoRA) or a frozen copy of the initial weights (full).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+# Attention projections of the joint (image + text) blocks, the modules the published recipes adapt.
+_JOINT_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+DEFAULT_TARGETS = {
+    "sd3": _JOINT_ATTN,                                  # Flow-GRPO SD3.5: r 32, alpha 64
+    "flux": _JOINT_ATTN,                                 # single blocks share to_q/k/v, so they are covered too
+    "sd": ["to_q", "to_k", "to_v", "to_out.0"],          # DDPO: UNet attention
+}
+COMPONENT = {"sd3": "transformer", "flux": "transformer", "sd": "unet"}
+
+
+def add_lora(denoiser, family: str, rank: int, alpha: float | None, targets: list[str] | None,
+             dropout: float = 0.0) -> LoraConfig:
+    """Freeze the base weights and add a trainable LoRA adapter (gaussian-initialised A, zero B: starts at base)."""
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                        init_lora_weights="gaussian", target_modules=targets or DEFAULT_TARGETS[family])
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(config)
+    if not any(p.requires_grad for p in denoiser.parameters()):
+        raise ValueError(f"finetune.lora_target_modules {config.target_modules} matched no module")
+    return config
+
+
+@contextlib.contextmanager
+def base_weights(denoiser):
+    """The base model's output for the KL reference: the LoRA adapter off for the duration."""
+    denoiser.disable_adapters()
+    try:
+        yield
+    finally:
+        denoiser.enable_adapters()
+
+
+def frozen_copy(denoiser):
+    ref = copy.deepcopy(denoiser).requires_grad_(False).eval()
+    return ref
+
+
+def trainable_parameters(denoiser) -> list[torch.nn.Parameter]:
+    return [p for p in denoiser.parameters() if p.requires_grad]
+
+
+def save_lora(pipe, denoiser, family: str, config: LoraConfig, out_dir: Path) -> Path:
+    """Write the adapter in diffusers' LoRA format, with its config as metadata (keeps lora_alpha)."""
+    comp = COMPONENT[family]
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
+    type(pipe).save_lora_weights(str(out_dir), **{f"{comp}_lora_layers": state,
+                                                  f"{comp}_lora_adapter_metadata": config.to_dict()})
+    return out_dir
+
+
+def save_full(pipe, out_dir: Path) -> Path:
+    pipe.save_pretrained(str(out_dir))
+    return out_dir

@@ -1,0 +1,26 @@
+"""Image grids for people to look at (eval samples, before / after)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def save_grid(images: torch.Tensor, path: str | Path, cols: int = 8) -> Path:
+    """(N, 3, H, W) in [0, 1] -> one PNG with ``cols`` images per row (written to a temp name, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n, _, h, w = images.shape
+    cols = min(cols, n)
+    rows = (n + cols - 1) // cols
+    canvas = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i, img in enumerate(pixels):
+        r, c = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(canvas).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,82 @@
+"""Semantic checks of a built Config: choices, ranges, files, registries. Runs before any model is loaded and
+raises one ConfigError naming the key."""
+from __future__ import annotations
+
+from flowrl.train import builders
+from flowrl.train.config import Config, ConfigError
+
+CHOICES = {
+    "run.mixed_precision": ("no", "fp16", "bf16"),
+    "model.dtype": ("float32", "float16", "bfloat16"),
+    "finetune.mode": ("lora", "full"),
+    "sampling.ode_solver": ("euler", "dpm2m"),
+    "rewards.combine": ("sum_then_normalize", "normalize_then_sum"),
+    "advantages.std": ("group", "global", "none"),
+    "training.log_prob_reduction": ("mean", "sum"),
+}
+POSITIVE = ("run.iterations", "sampling.num_steps", "data.prompts_per_iteration", "training.lr",
+            "training.inner_epochs", "training.micro_batch_size", "training.clip_eps_low", "finetune.lora_rank",
+            "eval.num_prompts")
+NON_NEGATIVE = ("run.save_every", "run.log_samples_every", "eval.every", "training.kl_beta",
+                "training.weight_decay", "training.max_grad_norm", "training.warmup_iterations",
+                "sampling.guidance_scale", "advantages.eps")
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {list(allowed)}")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    if not 0 < cfg.training.timestep_fraction <= 1:
+        raise ConfigError(f"training.timestep_fraction: must be in (0, 1], got {cfg.training.timestep_fraction}")
+    if not 0 <= cfg.finetune.ema_decay < 1:
+        raise ConfigError(f"finetune.ema_decay: must be in [0, 1), got {cfg.finetune.ema_decay}")
+    if len(cfg.training.adam_betas) != 2:
+        raise ConfigError("training.adam_betas: expected two numbers")
+
+    # sampler pieces build and fit the step count
+    kernel = builders.make_kernel(cfg.sampling.kernel)
+    schedule = builders.make_schedule(cfg.sampling.schedule, cfg.run.seed)
+    plan = builders.make_plan(cfg.sampling.plan)
+    try:
+        scales = schedule.noise_scales(cfg.sampling.num_steps, 0)
+    except ValueError as e:
+        raise ConfigError(f"sampling.schedule: {e}") from None
+    if not bool((scales > 0).any()):
+        raise ConfigError("sampling.schedule: no stochastic step, nothing to train")
+    for k in plan.split_steps(cfg.sampling.num_steps):
+        if scales[k] <= 0:
+            raise ConfigError(f"sampling.plan: branches at step {k}, which sampling.schedule makes deterministic")
+
+    family = builders.model_family(cfg.model.path)
+    if family != "unknown" and (family == "sd") != (kernel.family == "ddim"):
+        raise ConfigError(f"sampling.kernel: {cfg.sampling.kernel['name']} does not fit a {family} model "
+                          f"({'ddim' if family == 'sd' else 'a flow kernel: flow_sde, flow_sde_const, cps'})")
+
+    builders.load_prompts(cfg.data.train_prompts, "data.train_prompts")
+    if cfg.data.eval_prompts:
+        builders.load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
+    elif cfg.eval.every:
+        raise ConfigError("data.eval_prompts: eval.every is set but no eval prompt file is given")
+
+    import rewards  # noqa: PLC0415
+
+    try:
+        weights = rewards.parse_reward_spec(cfg.rewards.components)
+    except ValueError as e:
+        raise ConfigError(f"rewards.components: {e}") from None
+    for name in cfg.rewards.kwargs:
+        if name not in weights:
+            raise ConfigError(f"rewards.kwargs.{name}: not one of the components {sorted(weights)}")
