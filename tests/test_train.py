@@ -29,7 +29,7 @@ def _metrics(run: Path) -> list[dict]:
 def smoke_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("smoke") / "run"
     res = _flowrl("train", str(RECIPE), "--set", f"run.output_dir={run}", "--set", "run.iterations=24",
-                  "--set", "eval.every=12", "--set", "run.progress=false")
+                  "--set", "eval.every=12", "--set", "run.progress=false", "--set", "run.save_every=12")
     assert res.returncode == 0, res.stderr[-3000:]
     return run
 
@@ -56,6 +56,7 @@ def test_reward_clearly_rises(smoke_run):
     assert rows[0]["nfe"] == 4 * 8 * 8  # prompts x G x steps, no CFG in this recipe
     assert (smoke_run / "samples" / "eval_000011.png").is_file() and (smoke_run / "config.yaml").is_file()
     assert any((smoke_run / "tb").iterdir())
+    assert (smoke_run / "checkpoints" / "iter_000012").is_dir()
 
 
 def test_lora_loads_in_plain_diffusers_and_changes_the_output(smoke_run):
@@ -138,3 +139,24 @@ def test_existing_run_folder_is_refused(tmp_path):
     res = _flowrl("train", str(RECIPE), "--set", f"run.output_dir={run}")
     assert res.returncode == 2 and "already holds a run" in res.stderr
     assert (run / "metrics.jsonl").read_text() == "{}\n" and sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_kl_to_the_base_and_ema(tmp_path, mode):
+    """KL to the reference is exactly 0 before the first update (LoRA B = 0, or the frozen copy) and positive
+    after; with EMA on, the run still writes the loadable output."""
+    run = tmp_path / mode
+    res = _flowrl("train", str(RECIPE), "--set", f"run.output_dir={run}", "--set", "run.iterations=2",
+                  "--set", f"finetune.mode={mode}", "--set", "training.kl_beta=0.04",
+                  "--set", "finetune.ema_decay=0.5", "--set", "eval.every=0", "--set", "run.progress=false",
+                  "--set", "training.lr=1e-3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _metrics(run)
+    assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0
+    if mode == "lora":
+        assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    else:
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(run / "model")
+        assert pipe.transformer is not None
