@@ -98,7 +98,8 @@ def _eval(args) -> None:
     images = _sample_images(policy, family, prompts, args, args.num, sde=False)
     expanded = [p for p in prompts for _ in range(args.num)]
     meta = [m for m in metadata for _ in range(args.num)]
-    scores = reward.main_scores(reward(images, expanded, meta))
+    all_scores = reward(images, expanded, meta)
+    scores = {**reward.main_scores(all_scores), **{k: v for k, v in all_scores.items() if k.endswith("/correct")}}
     n = len(images)
     table = {k: {"mean": float(v.mean()), "std": float(v.std()) if n > 1 else 0.0,
                  "stderr": float(v.std() / n**0.5) if n > 1 else 0.0, "n": n} for k, v in scores.items()}
@@ -109,8 +110,35 @@ def _eval(args) -> None:
                                                "scores": table}, indent=2))
     lines = ["| reward | mean | std | stderr | n |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {r['mean']:.4f} | {r['std']:.4f} | {r['stderr']:.4f} | {r['n']} |" for k, r in table.items()]
+    tags = [m.get("tag") for m in meta]
+    if all(isinstance(t, str) for t in tags):  # GenEval-style metadata: a table per category
+        lines += ["", *category_table(scores, tags)]
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def category_table(scores: dict, tags: list[str]) -> list[str]:
+    """Per-category means of every score and GenEval's overall figure: the mean of the category means, with
+    its standard error from the per-category standard errors."""
+    import torch
+
+    cats = sorted(set(tags))
+    lines = ["| category | n | " + " | ".join(scores) + " |", "|---|---|" + "---|" * len(scores)]
+    overall = {}
+    for name, v in scores.items():
+        per = [v[torch.tensor([t == c for t in tags])].double() for c in cats]
+        means = [float(x.mean()) for x in per]
+        ses = [float(x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0 for x in per]
+        overall[name] = (sum(means) / len(cats), (sum(se**2 for se in ses)) ** 0.5 / len(cats))
+        for c, m, se in zip(cats, means, ses):
+            overall.setdefault((c, name), (m, se))
+    for c in cats:
+        n = sum(t == c for t in tags)
+        lines.append(f"| {c} | {n} | " + " | ".join(f"{overall[(c, k)][0]:.4f} ± {overall[(c, k)][1]:.4f}"
+                                                   for k in scores) + " |")
+    lines.append(f"| overall (mean of categories) | {len(tags)} | "
+                 + " | ".join(f"{overall[k][0]:.4f} ± {overall[k][1]:.4f}" for k in scores) + " |")
+    return lines
 
 
 def _common(p):

@@ -14,9 +14,10 @@ from .base import (
 )
 from .multi import MultiReward
 from .programmatic import COLORS, Brightness, Color, JpegCompressibility, JpegIncompressibility, color_from_prompt
+from .toy import ShapesReward
 
 __all__ = [
     "REWARDS", "RANGE_TOL", "Reward", "RewardOutputError", "build_reward", "parse_reward_spec", "register",
     "MultiReward", "COLORS", "Brightness", "Color", "JpegCompressibility", "JpegIncompressibility",
-    "color_from_prompt",
+    "color_from_prompt", "ShapesReward",
 ]

@@ -174,6 +174,8 @@ def _check_type(value, tp, key: str):
             raise ConfigError(f"{key}: must be finite, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads no / yes / off / on as booleans
+            raise ConfigError(f"{key}: expected a string, got {value!r} (quote it: '{key}=\"no\"')")
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -30,6 +31,7 @@ from flowrl.train.images import save_grid
 from flowrl.train.units import broadcast_advantages, micro_batches, select_units
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "lora", "model")
+GRID_IMAGES = 32
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -102,6 +104,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ model
     def _build_model(self):
         cfg = self.cfg
+        set_seed(cfg.run.seed)  # module initialisers (LoRA's gaussian A) draw from the global generators
         self.pipe = load_pipeline(cfg.model, self.family).to(self.acc.device)
         kw = {"max_sequence_length": cfg.model.max_sequence_length} if self.family != "sd" else {}
         if self.family == "flux":
@@ -204,7 +207,7 @@ class Trainer:
         if c.run.dump_advantages and acc.is_main_process:
             self._dump_advantages(it, gathered, all_slots, all_adv)
         if c.run.log_samples_every and (it + 1) % c.run.log_samples_every == 0 and acc.is_main_process:
-            save_grid(images, self.run_dir / "samples" / f"train_{it:06d}.png")
+            save_grid(images[:GRID_IMAGES], self.run_dir / "samples" / f"train_{it:06d}.png")
 
         stats = self._optimize(forest, broadcast_advantages(forest, leaf_adv), it)
         t_train = time.perf_counter() - t0 - t_rollout - t_reward
@@ -298,15 +301,15 @@ class Trainer:
             forest = rollout(self.policy, [self.eval_set.prompts[i] for i in mine], plan=Flat(1), kernel=self.kernel,
                              schedule=Constant(0.0), num_steps=c.eval.num_steps or c.sampling.num_steps,
                              guidance_scale=c.sampling.guidance_scale, height=c.model.height, width=c.model.width,
-                             seed=c.eval.seed, prompt_ids=mine, negative_prompt=c.sampling.negative_prompt)
+                             seed=c.eval.seed, prompt_ids=mine, negative_prompt=c.sampling.negative_prompt,
+                             max_batch=c.sampling.max_batch)
             images = self._decode(forest.latents[forest.leaves()])
         scores = self.reward(images, [self.eval_set.prompts[i] for i in mine], [self.eval_set.metadata[i] for i in mine])
         row = {}
         for k, v in self.reward.main_scores(scores).items():
             row[f"eval/{k}_mean"] = float(acc.gather_for_metrics(v.to(acc.device)).mean())
-        all_images = acc.gather_for_metrics(images.contiguous())
-        if acc.is_main_process:
-            save_grid(all_images, self.run_dir / "samples" / f"eval_{it:06d}.png")
+        if acc.is_main_process:  # a look, not an archive: the first images of the main process
+            save_grid(images[:GRID_IMAGES], self.run_dir / "samples" / f"eval_{it:06d}.png")
         return row
 
     @contextlib.contextmanager

@@ -1,0 +1,133 @@
+"""GenEval-style grading of shapes-world images with the exact detector.
+
+Rules follow GenEval's evaluator on the metadata layout of ``world.all_prompts``:
+
+- each ``include`` item {class, count}: at least ``count`` detections of the class (any colour);
+- with ``color``: at least ``count`` of them have that colour (GenEval classifies the colour of its top
+  ``count`` boxes; here any matching detection counts, since the detector's colours are exact);
+- with ``position: [relation, j]``: every detection of the class stands in ``relation`` to every detection of
+  include ``j`` (GenEval's all-pairs rule), judged between centroids with GenEval's margin: the offset shrinks by
+  ``POSITION_THRESHOLD * (dim_a + dim_b)`` per axis and the relation's axis must carry > half of the offset;
+- each ``exclude`` item {class, count}: fewer than ``count`` detections (counting: exactly n = >= n and < n+1).
+
+``correct`` is GenEval's binary verdict. ``score`` is a dense variant for rewards: the mean over requirements of
+the fraction met (count: min(found, n)/n, or 1 - |found - n|/n when an exclude caps it; colour: matches/n;
+relation: fraction of pairs that hold, 0 if a side is missing). score == 1 exactly when correct.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import world
+from .detector import Detection, detect_batch
+
+POSITION_THRESHOLD = 0.1  # GenEval's relative margin
+
+
+def relations(a: Detection, b: Detection) -> set[str]:
+    """Relations of a to b ("left of", "right of", "above", "below"); empty when too close to call."""
+    off = np.subtract(a.centroid, b.centroid)
+    dims = np.array([a.bbox[2] - a.bbox[0] + b.bbox[2] - b.bbox[0], a.bbox[3] - a.bbox[1] + b.bbox[3] - b.bbox[1]])
+    revised = np.maximum(np.abs(off) - POSITION_THRESHOLD * dims, 0) * np.sign(off)
+    norm = np.linalg.norm(off)
+    if np.all(np.abs(revised) < 1e-3) or norm == 0:
+        return set()
+    dx, dy = revised / norm
+    out = set()
+    if dx < -0.5:
+        out.add("left of")
+    if dx > 0.5:
+        out.add("right of")
+    if dy < -0.5:
+        out.add("above")
+    if dy > 0.5:
+        out.add("below")
+    return out
+
+
+def requirements(dets: list[Detection], meta: dict) -> list[float]:
+    """Fraction met of each requirement the metadata states, in order (include items, then excludes)."""
+    include = meta["include"]
+    caps = {e["class"]: e["count"] for e in meta.get("exclude", [])}
+    found = [[d for d in dets if d.shape == r["class"]] for r in include]
+    out = []
+    for r, f in zip(include, found):
+        n = r["count"]
+        if caps.get(r["class"]) == n + 1:   # counting: exactly n, penalised on both sides
+            out.append(max(0.0, 1 - abs(len(f) - n) / n))
+        else:
+            out.append(min(len(f), n) / n)
+        if "color" in r:
+            out.append(min(sum(d.color == r["color"] for d in f), n) / n)
+        if "position" in r:
+            rel, j = r["position"]
+            pairs = [rel in relations(a, b) for a in f for b in found[j]]
+            out.append(sum(pairs) / len(pairs) if pairs else 0.0)
+    for e in meta.get("exclude", []):
+        if not any(r["class"] == e["class"] and r["count"] + 1 == e["count"] for r in include):
+            out.append(float(sum(d.shape == e["class"] for d in dets) < e["count"]))
+    return out
+
+
+def _check(meta) -> None:
+    if not isinstance(meta, dict) or "tag" not in meta or "include" not in meta:
+        raise ValueError(f"GenEval metadata needs 'tag' and 'include' (see world.all_prompts), got {meta!r}")
+
+
+def grade_detections(dets: list[Detection], meta: dict) -> dict:
+    _check(meta)
+    req = requirements(dets, meta)
+    return {"correct": all(v == 1.0 for v in req), "score": float(np.mean(req)) if req else 1.0}
+
+
+def grade_batch(images: torch.Tensor, metas: list[dict]) -> list[dict]:
+    """grade() for each image of (N, 3, H, W) in [0, 1], detecting once for the batch."""
+    if len(metas) != images.shape[0]:
+        raise ValueError(f"got {len(metas)} metadata entries for {images.shape[0]} images")
+    for m in metas:
+        _check(m)
+    return [grade_detections(d, m) for d, m in zip(detect_batch(images), metas)]
+
+
+def grade(image: torch.Tensor, meta: dict) -> dict:
+    """{"correct": bool (GenEval's rule for the tag), "score": float in [0, 1] (fraction of requirements met)}."""
+    return grade_batch(image[None] if image.dim() == 3 else image, [meta])[0]
+
+
+def evaluate(images: torch.Tensor, metas: list[dict], prompts: list[str] | None = None) -> dict:
+    """GenEval table: per-category accuracy and count, overall = mean of category accuracies, per-image and
+    per-prompt correctness. Prompt strings come from ``prompts`` or each meta's "prompt"."""
+    prompts = [m.get("prompt", "") for m in metas] if prompts is None else list(prompts)
+    grades = grade_batch(images, metas)
+    per_image = [{"prompt": p, "tag": m["tag"], **g} for p, m, g in zip(prompts, metas, grades)]
+    cats = {}
+    for tag in list(world.TAGS) + sorted({m["tag"] for m in metas} - set(world.TAGS)):
+        rows = [r for r in per_image if r["tag"] == tag]
+        if rows:
+            k = sum(r["correct"] for r in rows)
+            cats[tag] = {"accuracy": k / len(rows), "correct": k, "count": len(rows),
+                         "score": float(np.mean([r["score"] for r in rows]))}
+    per_prompt: dict[str, dict] = {}
+    for r in per_image:
+        e = per_prompt.setdefault(r["prompt"], {"tag": r["tag"], "correct": 0, "count": 0})
+        e["correct"] += int(r["correct"])
+        e["count"] += 1
+    for e in per_prompt.values():
+        e["accuracy"] = e["correct"] / e["count"]
+    overall = float(np.mean([c["accuracy"] for c in cats.values()])) if cats else 0.0
+    return {"overall": overall, "count": len(per_image), "categories": cats, "per_prompt": per_prompt,
+            "per_image": per_image}
+
+
+def format_table(table: dict) -> str:
+    """Markdown: one row per category (accuracy, dense score, images), then the overall mean."""
+    lines = ["| category | accuracy | score | images |", "|---|---:|---:|---:|"]
+    for tag, c in table["categories"].items():
+        lines.append(f"| {tag} | {c['accuracy']:.3f} | {c['score']:.3f} | {c['count']} |")
+    lines.append(f"| **overall** | **{table['overall']:.3f}** | | {table['count']} |")
+    return "\n".join(lines)
+
+
+__all__ = ["POSITION_THRESHOLD", "relations", "requirements", "grade", "grade_batch", "grade_detections", "evaluate",
+           "format_table"]

@@ -1,0 +1,45 @@
+"""The shapes world's GenEval-style reward: an exact, model-free detector grades each image against its prompt.
+
+Metadata per image is the prompt's GenEval dict from ``flowrl.toy.world.all_prompts`` (with or without its
+"prompt" key): "tag", "include" and, for counting, "exclude". It is the only way the reward learns what was
+asked: prompt strings are not parsed.
+"""
+from __future__ import annotations
+
+import torch
+
+from flowrl.toy import geneval
+
+from .base import Reward, register
+
+MODES = ("dense", "binary")
+
+
+@register("shapes")
+class ShapesReward(Reward):
+    """Main score: the dense GenEval score (fraction of the prompt's requirements met, in [0, 1]) with
+    ``mode="dense"``, or GenEval's verdict as 0/1 with ``mode="binary"``. Extra ``correct``: the 0/1 verdict.
+
+    Dense is the default because a group of samples that all fail GenEval's binary check would give
+    group-relative advantages of zero; partial credit (one of two objects, three of four circles) still ranks them.
+    """
+
+    main_key = "score"
+
+    def __init__(self, mode: str = "dense"):
+        if mode not in MODES:
+            raise ValueError(f"reward {self.name!r}: mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+
+    def score(self, images, prompts, metadata):
+        for p, m in zip(prompts, metadata):
+            if not m or "tag" not in m or "include" not in m:
+                raise ValueError(f"reward {self.name!r}: prompt {p!r} has no shapes-world GenEval metadata (need "
+                                 f"'tag' and 'include' as in flowrl.toy.world.all_prompts), got {dict(m)!r}")
+        grades = geneval.grade_batch(images, [dict(m) for m in metadata])
+        correct = torch.tensor([float(g["correct"]) for g in grades], dtype=torch.float32)
+        dense = torch.tensor([g["score"] for g in grades], dtype=torch.float32)
+        return {"score": dense if self.mode == "dense" else correct, "correct": correct}
+
+
+__all__ = ["ShapesReward", "MODES"]

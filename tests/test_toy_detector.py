@@ -1,0 +1,170 @@
+"""The shapes world's exact detector, GenEval-style grading and the "shapes" reward."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowrl.toy import detector, geneval, world
+from rewards.base import build_reward
+import rewards.toy  # noqa: F401  (registers "shapes" until rewards/__init__ imports it)
+
+N = 200  # images per category and condition
+
+
+def gaussian_blur(x, sigma=0.7):
+    t = torch.arange(-3, 4, dtype=torch.float32)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).view(1, 1, 1, -1).repeat(3, 1, 1, 1)
+    x = F.conv2d(F.pad(x, (3, 3, 0, 0), mode="replicate"), k, groups=3)
+    return F.conv2d(F.pad(x, (0, 0, 3, 3), mode="replicate"), k.transpose(2, 3), groups=3)
+
+
+def soften(x):
+    """Stand-in for a VAE round trip: 2x down, bilinear back up."""
+    return F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def by_tag(tag):
+    return [p for p in world.all_prompts() if p["tag"] == tag]
+
+
+def meta_of(prompt):
+    return next(p for p in world.all_prompts() if p["prompt"] == prompt)
+
+
+def accuracy(images, metas):
+    return float(np.mean([g["correct"] for g in geneval.grade_batch(images, metas)]))
+
+
+@pytest.fixture(scope="module")
+def truth():
+    """N correct renderings per category: {tag: (images, metas)}."""
+    out = {}
+    for i, tag in enumerate(world.TAGS):
+        x, _, m = world.make_dataset(N, seed=100 + i, prompts=by_tag(tag))
+        out[tag] = (x, m)
+    return out
+
+
+@pytest.mark.parametrize("condition", ["plain", "blur", "soft"])
+def test_ground_truth_graded_correct_in_every_category(truth, condition):
+    fn = {"plain": lambda x: x, "blur": gaussian_blur, "soft": soften}[condition]
+    for tag, (x, m) in truth.items():
+        assert accuracy(fn(x).clamp(0, 1), m) >= 0.98, (condition, tag)
+
+
+def test_noise_and_black_are_graded_wrong(truth):
+    g = torch.Generator().manual_seed(0)
+    inputs = {"noise": torch.rand(N, 3, 32, 32, generator=g), "black": torch.zeros(N, 3, 32, 32)}
+    for name, x in inputs.items():
+        dets = detector.detect_batch(x)
+        assert sum(map(len, dets)) <= 0.02 * N, name
+        for tag, (_, m) in truth.items():
+            correct = [geneval.grade_detections(d, meta)["correct"] for d, meta in zip(dets, m)]
+            assert np.mean(correct) <= 0.02, (name, tag)
+
+
+def test_detections_report_colour_shape_and_place():
+    meta = meta_of("a red circle left of a blue square")
+    sc = world.sample_scene(meta, 0)
+    dets = sorted(detector.detect(world.render(sc)), key=lambda d: d.centroid[0])
+    assert [(d.color, d.shape) for d in dets] == [("red", "circle"), ("blue", "square")]
+    for d, o in zip(dets, sc.objects):
+        assert abs(d.centroid[0] - o.cx) < 0.6 and abs(d.centroid[1] - o.cy) < 0.6
+        assert d.bbox[0] <= o.cx <= d.bbox[2] and d.iou > 0.95
+        assert abs(d.area - world.AREA[o.shape] * o.size ** 2) < 0.15 * d.area
+    # any resolution is read at the world's
+    assert [(d.color, d.shape) for d in sorted(detector.detect(world.render(sc, 64)), key=lambda d: d.centroid[0])] \
+        == [("red", "circle"), ("blue", "square")]
+
+
+def _render_variant(meta, edit, n=60, seed=0):
+    """Images of a modified copy of meta (what a wrong generation would show)."""
+    rng = np.random.default_rng(seed)
+    m = copy.deepcopy(meta)
+    edit(m)
+    return world.render_batch([world.sample_scene(m, rng) for _ in range(n)])
+
+
+@pytest.mark.parametrize("n,delta", [(2, -1), (2, 1), (3, -1), (3, 1), (4, -1), (4, 1)])
+def test_counting_off_by_one_is_wrong(n, delta):
+    meta = meta_of(f"{world.NUMBERS[n]} red triangles")
+
+    def edit(m):
+        m["objects"][0]["count"] = n + delta
+    x = _render_variant(meta, edit)
+    assert accuracy(x, [meta] * len(x)) <= 0.02
+    scores = [g["score"] for g in geneval.grade_batch(x, [meta] * len(x))]
+    assert np.median(scores) == pytest.approx(1 - 1 / n)                # partial credit, never full
+
+
+@pytest.mark.parametrize("rel", list(world.RELATIONS))
+def test_position_swapped_is_wrong(rel):
+    meta = meta_of(f"a green square {rel} a yellow diamond")
+
+    def edit(m):
+        m["include"][0]["position"][0] = world.RELATIONS[rel]
+    x = _render_variant(meta, edit)
+    assert accuracy(x, [meta] * len(x)) <= 0.02
+    assert accuracy(world.render_batch([world.sample_scene(meta, s) for s in range(60)]), [meta] * 60) >= 0.98
+    assert all(g["score"] == pytest.approx(2 / 3) for g in geneval.grade_batch(x, [meta] * len(x)))
+
+
+def test_color_attr_swapped_is_wrong_but_two_object_is_not():
+    meta = meta_of("a red circle with a blue square")
+
+    def edit(m):
+        m["objects"][0]["color"], m["objects"][1]["color"] = "blue", "red"
+    x = _render_variant(meta, edit)
+    assert accuracy(x, [meta] * len(x)) <= 0.02
+    assert accuracy(x, [meta_of("a red circle and a blue square")] * len(x)) >= 0.98   # colours not graded
+    assert accuracy(x, [meta_of("a blue circle with a red square")] * len(x)) >= 0.98
+    assert all(g["score"] == pytest.approx(0.5) for g in geneval.grade_batch(x, [meta] * len(x)))
+
+
+def test_relations_use_genevals_margin():
+    def det(cx, cy, s=8):
+        return detector.Detection("red", "square", (cx, cy), (cx - s // 2, cy - s // 2, cx + s // 2, cy + s // 2), 64, 1)
+    assert geneval.relations(det(5, 16), det(25, 16)) == {"left of"}
+    assert geneval.relations(det(25, 16), det(5, 16)) == {"right of"}
+    assert geneval.relations(det(16, 5), det(16, 25)) == {"above"}
+    assert geneval.relations(det(16, 16), det(17, 16)) == set()          # within 0.1 * (wa + wb)
+    assert geneval.relations(det(5, 5), det(25, 25)) == {"left of", "above"}
+
+
+def test_evaluate_table_and_markdown(truth):
+    x = torch.cat([truth[t][0][:10] for t in world.TAGS] + [torch.zeros(10, 3, 32, 32)])
+    metas = [m for t in world.TAGS for m in truth[t][1][:10]] + truth["counting"][1][:10]
+    table = geneval.evaluate(x, metas, prompts=[f"p{i % 7}" for i in range(len(metas))])
+    assert table["categories"]["counting"] == {"accuracy": 0.5, "correct": 10, "count": 20, "score": 0.5}
+    assert table["categories"]["position"]["accuracy"] == 1.0
+    assert table["overall"] == pytest.approx((5 + 0.5) / 6)             # mean of category accuracies
+    assert len(table["per_image"]) == 70 and sum(e["count"] for e in table["per_prompt"].values()) == 70
+    md = geneval.format_table(table)
+    assert md.count("\n") == 8 and "| counting | 0.500 |" in md and "**0.917**" in md
+
+
+def test_reward_keys_modes_and_errors(truth):
+    x, metas = truth["color_attr"]
+    x = torch.cat([x[:3], torch.zeros(1, 3, 32, 32)])
+    metas = metas[:4]
+    prompts = [f"prompt {i}" for i in range(4)]
+    out = build_reward("shapes")(x, prompts, metas)
+    assert set(out) == {"shapes", "shapes/correct"}
+    assert all(v.shape == (4,) and v.dtype == torch.float32 for v in out.values())
+    assert out["shapes"].tolist() == [1, 1, 1, 0] and out["shapes/correct"].tolist() == [1, 1, 1, 0]
+    half = _render_variant(meta_of("a red circle with a blue square"),
+                           lambda m: m["objects"][0].update(color="green"), n=1)
+    meta = world.metadata_of(meta_of("a red circle with a blue square"))
+    dense = build_reward("shapes")(half, ["p"], [meta])
+    binary = build_reward("shapes", mode="binary")(half, ["p"], [meta])
+    assert dense["shapes"].item() == pytest.approx(0.75) and binary["shapes"].item() == 0
+    assert dense["shapes/correct"].item() == 0
+    with pytest.raises(ValueError, match="a lost prompt"):
+        build_reward("shapes")(x[:1], ["a lost prompt"], [{}])
+    with pytest.raises(ValueError, match="a lost prompt"):
+        build_reward("shapes")(x[:1], ["a lost prompt"], None)
+    with pytest.raises(ValueError, match="mode"):
+        build_reward("shapes", mode="soft")
