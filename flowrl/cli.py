@@ -142,7 +142,7 @@ def category_table(scores: dict, tags: list[str]) -> list[str]:
 
 
 def _common(p):
-    p.add_argument("--model", required=True, help="diffusers folder, hub id, or tiny:<sd3|flux|sd>")
+    p.add_argument("--model", required=True, help="diffusers folder, hub id, toy:shapes (the shipped shapes-world base) or tiny:<sd3|flux|sd>")
     p.add_argument("--lora", default=None, help="a LoRA folder (e.g. RUN_DIR/lora), loaded with load_lora_weights")
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompts", default=None, help=".txt or .jsonl prompt file")

@@ -49,11 +49,22 @@ def make_plan(spec: dict):
     return _from_registry(spec, PLANS, "sampling.plan")
 
 
+TOY_BASE = "toy:shapes"
+
+
+def resolve_model_path(path: str) -> str:
+    """``toy:shapes`` names the shapes-world base shipped inside the package; anything else is used as given."""
+    if path == TOY_BASE:
+        return str(Path(__file__).resolve().parents[1] / "toy" / "base")
+    return path
+
+
 def model_family(path: str) -> str:
     """sd3 | flux | sd, from ``tiny:<family>`` or the folder's model_index.json; checked before loading.
 
     A hub id is accepted as is when the hub is reachable, and must be in the local cache when HF_HUB_OFFLINE is
     set (otherwise loading would fail minutes later)."""
+    path = resolve_model_path(path)
     if path.startswith("tiny:"):
         family = path.split(":", 1)[1]
         if family not in ("sd3", "flux", "sd"):

@@ -36,7 +36,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "tiny:sd3"               # a diffusers folder, a hub id, or tiny:<sd3|flux|sd> (built offline)
+    path: str = "tiny:sd3"               # a diffusers folder, a hub id, toy:shapes (shipped) or tiny:<sd3|flux|sd>
     dtype: str = "float32"               # weights of the frozen parts; trained weights stay float32
     max_sequence_length: int = 256       # T5 tokens (SD3 / FLUX)
     height: int | None = None            # None: the pipeline's default resolution
@@ -72,6 +72,7 @@ class DataConfig:
     train_prompts: str = ""              # .txt (one prompt a line) or .jsonl ({"prompt": ..., ...metadata})
     eval_prompts: str | None = None
     prompts_per_iteration: int = 8       # global; every process takes whole prompt groups
+    balance_key: str | None = None       # a metadata field (e.g. "tag") whose values are sampled equally often
 
 
 @dataclass

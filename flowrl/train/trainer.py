@@ -28,10 +28,12 @@ from flowrl.sampling.seeding import derive_seed
 from flowrl.train import builders, finetune
 from flowrl.train.config import Config, ConfigError, to_dict
 from flowrl.train.images import save_grid
+from flowrl.train.plots import reward_curve
 from flowrl.train.units import broadcast_advantages, micro_batches, select_units
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "lora", "model")
 GRID_IMAGES = 32
+BEFORE_AFTER = 8  # eval prompts in the before / after grid
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,7 +51,8 @@ def load_pipeline(model_cfg, family: str):
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model_cfg.path, dtype=DTYPES[model_cfg.dtype])
+        pipe = DiffusionPipeline.from_pretrained(builders.resolve_model_path(model_cfg.path),
+                                                 dtype=DTYPES[model_cfg.dtype])
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -57,12 +60,24 @@ def load_pipeline(model_cfg, family: str):
     return pipe
 
 
-def prompt_indices(seed: int, iteration: int, total: int, n: int) -> list[int]:
-    """The iteration's n global prompt indices: a fresh permutation per iteration, seeded by (seed, iteration),
-    so every process and any resumed run agree without shared state."""
+def prompt_indices(seed: int, iteration: int, total: int, n: int, weights: torch.Tensor | None = None) -> list[int]:
+    """The iteration's n global prompt indices, seeded by (seed, iteration) so every process and any resumed run
+    agree without shared state: a fresh permutation per iteration, or with ``weights`` a weighted draw without
+    replacement (e.g. balanced over GenEval categories)."""
     g = torch.Generator().manual_seed(derive_seed(seed, "prompts", iteration))
+    if weights is not None:
+        return torch.multinomial(weights, n, replacement=n > total, generator=g).tolist()
     perms = [torch.randperm(total, generator=g) for _ in range(math.ceil(n / total))]
     return torch.cat(perms)[:n].tolist()
+
+
+def balance_weights(metadata: list[dict], key: str) -> torch.Tensor:
+    """Per-prompt sampling weights that give every value of ``metadata[key]`` the same total weight."""
+    values = [m.get(key) for m in metadata]
+    if any(v is None for v in values):
+        raise ConfigError(f"data.balance_key: some prompts have no metadata field {key!r}")
+    counts = {v: values.count(v) for v in set(values)}
+    return torch.tensor([1.0 / counts[v] for v in values], dtype=torch.float64)
 
 
 def advantages_from_rewards(components: dict, slots: torch.Tensor, weights: dict, cfg: Config) -> torch.Tensor:
@@ -80,6 +95,8 @@ class Trainer:
         self.family = builders.model_family(cfg.model.path)
         self.train_set = builders.load_prompts(cfg.data.train_prompts)
         self.eval_set = builders.load_prompts(cfg.data.eval_prompts, "data.eval_prompts") if cfg.data.eval_prompts else None
+        self.prompt_weights = (balance_weights(self.train_set.metadata, cfg.data.balance_key)
+                               if cfg.data.balance_key else None)
         self.kernel = builders.make_kernel(cfg.sampling.kernel)
         self.schedule = builders.make_schedule(cfg.sampling.schedule, cfg.run.seed)
         self.plan = builders.make_plan(cfg.sampling.plan)
@@ -171,10 +188,15 @@ class Trainer:
     def train(self):
         c = self.cfg
         bar = tqdm(range(c.run.iterations), desc="flowrl train", disable=not (c.run.progress and self.acc.is_main_process))
+        self.rows: list[dict] = []
+        self._before = None
+        if self.eval_set is not None and self.acc.is_main_process:
+            self._before = self._eval_images(list(range(min(BEFORE_AFTER, len(self.eval_set)))))
         for it in bar:
             row = self.iteration(it)
             if c.eval.every and self.eval_set is not None and ((it + 1) % c.eval.every == 0 or it + 1 == c.run.iterations):
                 row.update(self.evaluate(it))
+            self.rows.append(row)
             if self.acc.is_main_process:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -188,7 +210,7 @@ class Trainer:
         c, acc = self.cfg, self.acc
         W, rank = acc.num_processes, acc.process_index
         P = c.data.prompts_per_iteration
-        idx = prompt_indices(c.run.seed, it, len(self.train_set), P)
+        idx = prompt_indices(c.run.seed, it, len(self.train_set), P, self.prompt_weights)
         local = list(range(rank * P // W, (rank + 1) * P // W))  # global slots of this process
         prompts = [self.train_set.prompts[idx[s]] for s in local]
         meta = [self.train_set.metadata[idx[s]] for s in local]
@@ -234,7 +256,7 @@ class Trainer:
         if bool((counts != counts[0]).any()):
             raise RuntimeError(f"processes hold different numbers of training units {counts.tolist()}")
         logs: dict[str, list] = {}
-        self.model.train()
+        # the model stays in eval mode: dropout would make the recomputed log-prob differ from the rollout's
         with self._training_forward():
             for epoch in range(t.inner_epochs):
                 batches = micro_batches(units, t.micro_batch_size, c.run.seed, it, epoch, acc.process_index)
@@ -256,7 +278,6 @@ class Trainer:
                     self.ema.step(self.params)
                 logs.setdefault("grad_norm", []).append(
                     torch.tensor([float(grad_norm) if grad_norm is not None else float("nan")]))
-        self.model.eval()
         out = {}
         for k, v in logs.items():
             vals = acc.gather(torch.cat(v).to(acc.device)).cpu()
@@ -292,18 +313,25 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ eval / output
     @torch.no_grad()
-    def evaluate(self, it: int) -> dict:
-        """ODE samples (one per prompt, fixed seed) of the first eval.num_prompts eval prompts, scored."""
-        c, acc = self.cfg, self.acc
-        n = min(c.eval.num_prompts, len(self.eval_set))
-        mine = list(range(acc.process_index, n, acc.num_processes))
-        with self._ema_weights():
-            forest = rollout(self.policy, [self.eval_set.prompts[i] for i in mine], plan=Flat(1), kernel=self.kernel,
-                             schedule=Constant(0.0), num_steps=c.eval.num_steps or c.sampling.num_steps,
+    def _eval_images(self, indices: list[int]) -> torch.Tensor:
+        """ODE samples (one per prompt, the eval seed) of the given eval prompts with the current (EMA) weights."""
+        c = self.cfg
+        with self._ema_weights(), self.acc.autocast():
+            forest = rollout(self.policy, [self.eval_set.prompts[i] for i in indices], plan=Flat(1),
+                             kernel=self.kernel, schedule=Constant(0.0),
+                             num_steps=c.eval.num_steps or c.sampling.num_steps,
                              guidance_scale=c.sampling.guidance_scale, height=c.model.height, width=c.model.width,
-                             seed=c.eval.seed, prompt_ids=mine, negative_prompt=c.sampling.negative_prompt,
+                             seed=c.eval.seed, prompt_ids=indices, negative_prompt=c.sampling.negative_prompt,
                              max_batch=c.sampling.max_batch)
-            images = self._decode(forest.latents[forest.leaves()])
+            return self._decode(forest.latents[forest.leaves()])
+
+    @torch.no_grad()
+    def evaluate(self, it: int) -> dict:
+        """The first eval.num_prompts eval prompts, shared over processes, sampled and scored."""
+        acc = self.acc
+        n = min(self.cfg.eval.num_prompts, len(self.eval_set))
+        mine = list(range(acc.process_index, n, acc.num_processes))
+        images = self._eval_images(mine)
         scores = self.reward(images, [self.eval_set.prompts[i] for i in mine], [self.eval_set.metadata[i] for i in mine])
         row = {}
         for k, v in self.reward.main_scores(scores).items():
@@ -328,6 +356,11 @@ class Trainer:
         acc = self.acc
         acc.wait_for_everyone()
         if acc.is_main_process:
+            reward_curve(self.rows, self.run_dir / "reward_curve.png")
+            if self._before is not None:  # the same prompts and seeds before and after training, one row each
+                after = self._eval_images(list(range(len(self._before))))
+                save_grid(torch.cat([self._before, after]), self.run_dir / "samples" / "before_after.png",
+                          cols=len(self._before))
             with self._ema_weights():
                 denoiser = acc.unwrap_model(self.model)
                 if self.cfg.finetune.mode == "lora":
