@@ -32,7 +32,7 @@ def _load_policy(args):
     from flowrl.models import policy_from_pipeline
     from flowrl.train.builders import model_family
     from flowrl.train.config import ModelConfig
-    from flowrl.train.trainer import DTYPES, load_pipeline
+    from flowrl.train.trainer import load_pipeline
 
     family = model_family(args.model)
     if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
@@ -42,7 +42,7 @@ def _load_policy(args):
     pipe = load_pipeline(ModelConfig(path=args.model, dtype=args.dtype), family)
     if args.lora:
         pipe.load_lora_weights(args.lora)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu", DTYPES[args.dtype])
+    pipe.to("cuda" if torch.cuda.is_available() else "cpu")  # weights already in --dtype
     kw = {} if family == "sd" else {"max_sequence_length": args.max_sequence_length}
     return policy_from_pipeline(pipe, **kw), family
 
@@ -103,42 +103,44 @@ def _eval(args) -> None:
     n = len(images)
     table = {k: {"mean": float(v.mean()), "std": float(v.std()) if n > 1 else 0.0,
                  "stderr": float(v.std() / n**0.5) if n > 1 else 0.0, "n": n} for k, v in scores.items()}
+    tags = [m.get("tag") for m in meta]
+    categories = category_stats(scores, tags) if all(isinstance(t, str) for t in tags) else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"model": args.model, "lora": args.lora, "prompts": len(prompts),
                                                "images_per_prompt": args.num, "seed": args.seed,
-                                               "scores": table}, indent=2))
+                                               "scores": table, "categories": categories}, indent=2))
     lines = ["| reward | mean | std | stderr | n |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {r['mean']:.4f} | {r['std']:.4f} | {r['stderr']:.4f} | {r['n']} |" for k, r in table.items()]
-    tags = [m.get("tag") for m in meta]
-    if all(isinstance(t, str) for t in tags):  # GenEval-style metadata: a table per category
-        lines += ["", *category_table(scores, tags)]
+    if categories:  # GenEval-style metadata: a table per category
+        names = list(scores)
+        lines += ["", "| category | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for cat, row in categories.items():
+            lines.append(f"| {cat} | {row['n']} | "
+                         + " | ".join(f"{row[k]['mean']:.4f} ± {row[k]['stderr']:.4f}" for k in names) + " |")
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def category_table(scores: dict, tags: list[str]) -> list[str]:
-    """Per-category means of every score and GenEval's overall figure: the mean of the category means, with
-    its standard error from the per-category standard errors."""
+def category_stats(scores: dict, tags: list[str]) -> dict:
+    """Per-category mean and standard error of every score, and GenEval's overall figure: the mean of the
+    category means, its standard error combined from the categories' (images treated as independent)."""
     import torch
 
     cats = sorted(set(tags))
-    lines = ["| category | n | " + " | ".join(scores) + " |", "|---|---|" + "---|" * len(scores)]
-    overall = {}
-    for name, v in scores.items():
-        per = [v[torch.tensor([t == c for t in tags])].double() for c in cats]
-        means = [float(x.mean()) for x in per]
-        ses = [float(x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0 for x in per]
-        overall[name] = (sum(means) / len(cats), (sum(se**2 for se in ses)) ** 0.5 / len(cats))
-        for c, m, se in zip(cats, means, ses):
-            overall.setdefault((c, name), (m, se))
+    out = {}
     for c in cats:
-        n = sum(t == c for t in tags)
-        lines.append(f"| {c} | {n} | " + " | ".join(f"{overall[(c, k)][0]:.4f} ± {overall[(c, k)][1]:.4f}"
-                                                   for k in scores) + " |")
-    lines.append(f"| overall (mean of categories) | {len(tags)} | "
-                 + " | ".join(f"{overall[k][0]:.4f} ± {overall[k][1]:.4f}" for k in scores) + " |")
-    return lines
+        mask = torch.tensor([t == c for t in tags])
+        out[c] = {"n": int(mask.sum())}
+        for name, v in scores.items():
+            x = v[mask].double()
+            out[c][name] = {"mean": float(x.mean()), "stderr": float(x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0}
+    overall = {"n": len(tags)}
+    for name in scores:
+        overall[name] = {"mean": sum(out[c][name]["mean"] for c in cats) / len(cats),
+                         "stderr": sum(out[c][name]["stderr"] ** 2 for c in cats) ** 0.5 / len(cats)}
+    out["overall (mean of categories)"] = overall
+    return out
 
 
 def _common(p):

@@ -23,16 +23,16 @@ def test_toy_flowgrpo_machinery(tmp_path):
     res = subprocess.run([sys.executable, "-m", "flowrl.cli", "train", str(RECIPE), "--set", f"run.output_dir={run}",
                           "--set", "run.iterations=2", "--set", "data.prompts_per_iteration=4",
                           "--set", "eval.every=2", "--set", "eval.num_prompts=8", "--set", "run.progress=false",
-                          "--set", "run.dump_advantages=true"],
+                          "--set", "run.dump_advantages=true", "--set", "training.updates_per_epoch=1"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
-    # first update is on-policy: ratio exactly 1
+    # one update per iteration, so every update is on-policy: ratio exactly 1
     assert rows[0]["ratio_min"] == pytest.approx(1, abs=1e-6) and rows[0]["ratio_max"] == pytest.approx(1, abs=1e-6)
     # reward wiring: the detector's dense score and correctness, in [0, 1]; eval ran on held-out prompts
     assert 0 <= rows[0]["reward/shapes_mean"] <= 1 and "eval/shapes_mean" in rows[1]
-    # advantages: per-group z-scores (std "group"), each group sums to 0
+    # advantages: group-relative (per-prompt mean, global std), so each group sums to 0
     adv = [json.loads(x) for x in (run / "advantages.jsonl").read_text().splitlines()]
     for it in (0, 1):
         for slot in {a["slot"] for a in adv if a["iteration"] == it}:

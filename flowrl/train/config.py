@@ -99,6 +99,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     warmup_iterations: int = 0
     inner_epochs: int = 1
+    updates_per_epoch: int = 1           # optimizer steps per pass over the iteration's units (flow_grpo: 2)
     micro_batch_size: int = 8            # training units (denoising steps) per forward/backward per process
     clip_eps_low: float = 1e-4           # for mean-reduced log-probs
     clip_eps_high: float | None = None   # None: = clip_eps_low

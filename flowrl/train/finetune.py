@@ -60,8 +60,11 @@ def save_lora(pipe, denoiser, family: str, config: LoraConfig, out_dir: Path) ->
     """Write the adapter in diffusers' LoRA format, with its config as metadata (keeps lora_alpha)."""
     comp = COMPONENT[family]
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
+    meta = config.to_dict()
+    if isinstance(meta.get("target_modules"), (set, list)):  # a set in peft: sort it so equal runs give equal files
+        meta["target_modules"] = sorted(meta["target_modules"])
     type(pipe).save_lora_weights(str(out_dir), **{f"{comp}_lora_layers": state,
-                                                  f"{comp}_lora_adapter_metadata": config.to_dict()})
+                                                  f"{comp}_lora_adapter_metadata": meta})
     return out_dir
 
 

@@ -29,7 +29,7 @@ from flowrl.train import builders, finetune
 from flowrl.train.config import Config, ConfigError, to_dict
 from flowrl.train.images import save_grid
 from flowrl.train.plots import reward_curve
-from flowrl.train.units import broadcast_advantages, micro_batches, select_units
+from flowrl.train.units import broadcast_advantages, select_units, shuffle_units
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "lora", "model")
 GRID_IMAGES = 32
@@ -123,6 +123,8 @@ class Trainer:
         cfg = self.cfg
         set_seed(cfg.run.seed)  # module initialisers (LoRA's gaussian A) draw from the global generators
         self.pipe = load_pipeline(cfg.model, self.family).to(self.acc.device)
+        # a hub id validated online is resolved only now
+        self.family = builders.FAMILY_OF_PIPELINE.get(type(self.pipe).__name__, self.family)
         kw = {"max_sequence_length": cfg.model.max_sequence_length} if self.family != "sd" else {}
         if self.family == "flux":
             kw["true_cfg_scale"] = cfg.model.true_cfg_scale
@@ -259,25 +261,26 @@ class Trainer:
         # the model stays in eval mode: dropout would make the recomputed log-prob differ from the rollout's
         with self._training_forward():
             for epoch in range(t.inner_epochs):
-                batches = micro_batches(units, t.micro_batch_size, c.run.seed, it, epoch, acc.process_index)
-                for j, mb in enumerate(batches):
-                    last = j == len(batches) - 1
-                    sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
-                    with sync, acc.autocast():
-                        loss, s = self._unit_loss(forest, mb, edge_adv[mb])
-                        # global denominator: the sum over micro-batches (and the DDP mean over processes with
-                        # equal unit counts) is the mean over every unit of the update
-                        acc.backward(loss.sum() / len(units))
-                    for k, v in s.items():
-                        logs.setdefault(k, []).append(v.detach().float().reshape(-1))
-                grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.step(self.params)
-                logs.setdefault("grad_norm", []).append(
-                    torch.tensor([float(grad_norm) if grad_norm is not None else float("nan")]))
+                order = shuffle_units(units, c.run.seed, it, epoch, acc.process_index)
+                for update in torch.tensor_split(order, t.updates_per_epoch):
+                    batches = list(torch.split(update, t.micro_batch_size))
+                    for j, mb in enumerate(batches):
+                        sync = contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(self.model)
+                        with sync, acc.autocast():
+                            loss, s = self._unit_loss(forest, mb, edge_adv[mb])
+                            # global denominator: the sum over micro-batches (and the DDP mean over processes
+                            # with equal unit counts) is the mean over every unit of the update
+                            acc.backward(loss.sum() / len(update))
+                        for k, v in s.items():
+                            logs.setdefault(k, []).append(v.detach().float().reshape(-1))
+                    grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.step(self.params)
+                    logs.setdefault("grad_norm", []).append(
+                        torch.tensor([float(grad_norm) if grad_norm is not None else float("nan")]))
         out = {}
         for k, v in logs.items():
             vals = acc.gather(torch.cat(v).to(acc.device)).cpu()

@@ -44,8 +44,8 @@ def select_units(forest: Forest, fraction: float, seed: int, iteration: int) -> 
     return torch.cat(keep)
 
 
-def micro_batches(units: torch.Tensor, size: int, seed: int, iteration: int, epoch: int, rank: int):
-    """Shuffle the units and cut them into micro-batches of ``size`` (the last may be smaller)."""
+def shuffle_units(units: torch.Tensor, seed: int, iteration: int, epoch: int, rank: int) -> torch.Tensor:
+    """The units in a fresh order per (iteration, epoch, process), before they are cut into updates and
+    micro-batches."""
     g = torch.Generator().manual_seed(derive_seed(seed, iteration, epoch, rank, "shuffle"))
-    perm = units[torch.randperm(len(units), generator=g)]
-    return [perm[i:i + size] for i in range(0, len(perm), size)]
+    return units[torch.randperm(len(units), generator=g)]

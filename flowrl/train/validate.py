@@ -15,7 +15,8 @@ CHOICES = {
     "training.log_prob_reduction": ("mean", "sum"),
 }
 POSITIVE = ("run.iterations", "sampling.num_steps", "data.prompts_per_iteration", "training.lr",
-            "training.inner_epochs", "training.micro_batch_size", "training.clip_eps_low", "finetune.lora_rank",
+            "training.inner_epochs", "training.updates_per_epoch", "training.micro_batch_size",
+            "training.clip_eps_low", "finetune.lora_rank",
             "eval.num_prompts")
 NON_NEGATIVE = ("run.save_every", "run.log_samples_every", "eval.every", "training.kl_beta",
                 "training.weight_decay", "training.max_grad_norm", "training.warmup_iterations",
