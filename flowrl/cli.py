@@ -29,17 +29,15 @@ def _load_policy(args):
     """A pipeline from --model (folder, hub id or tiny:<family>), with --lora applied the plain-diffusers way."""
     import torch
 
-    from flowrl.models import policy_from_pipeline
+    from flowrl.models import load_pipeline, policy_from_pipeline
     from flowrl.train.builders import model_family
-    from flowrl.train.config import ModelConfig
-    from flowrl.train.trainer import load_pipeline
+    from flowrl.train.config import ConfigError
+    from flowrl.train.trainer import DTYPES
 
     family = model_family(args.model)
     if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-        from flowrl.train.config import ConfigError
-
         raise ConfigError(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors")
-    pipe = load_pipeline(ModelConfig(path=args.model, dtype=args.dtype), family)
+    pipe = load_pipeline(args.model, DTYPES[args.dtype])
     if args.lora:
         pipe.load_lora_weights(args.lora)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")  # weights already in --dtype

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from flowrl.sampling import kernels as K
-from flowrl.sampling.analytic import GaussianFlowPolicy, shifted_sigmas
+from flowrl.sampling.analytic import GaussianFlowPolicy
 
 torch.manual_seed(0)
 X = torch.randn(5, 4, 6, 6)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowrl.train.builders import TOY_BASE, resolve_model_path
+from flowrl.models import TOY_BASE, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "toy_flowgrpo.yaml"

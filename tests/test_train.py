@@ -86,6 +86,7 @@ def test_two_processes_match_one(tmp_path):
     res2 = _flowrl("train", str(RECIPE), "--set", f"run.output_dir={two}", *common, launcher=launcher)
     assert res2.returncode == 0, res2.stderr[-3000:]
     rows1, rows2 = _metrics(one), _metrics(two)
+    assert [r["world_size"] for r in rows1] == [1, 1]
     assert [r["world_size"] for r in rows2] == [2, 2]  # really two processes, metrics written once
     adv1 = [json.loads(x) for x in (one / "advantages.jsonl").read_text().splitlines()]
     adv2 = [json.loads(x) for x in (two / "advantages.jsonl").read_text().splitlines()]

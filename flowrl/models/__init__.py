@@ -1,11 +1,25 @@
-"""Adapters from diffusers pipelines to the sampler's policy interface (flowrl.sampling.policy)."""
+"""Adapters from diffusers pipelines to the sampler's policy interface (flowrl.sampling.policy), and the one
+place that turns a model name into a loaded pipeline.
+
+The adapter modules import diffusers (seconds), so they load on first use: config validation imports this
+package for the names below and must stay fast.
+"""
 from __future__ import annotations
 
-from flowrl.models.flux import FluxPolicy
-from flowrl.models.sd import SDPolicy
-from flowrl.models.sd3 import SD3Policy
+import importlib
+from pathlib import Path
 
-ADAPTERS = {"StableDiffusion3Pipeline": SD3Policy, "FluxPipeline": FluxPolicy, "StableDiffusionPipeline": SDPolicy}
+_ADAPTER_MODULES = {"SD3Policy": "flowrl.models.sd3", "FluxPolicy": "flowrl.models.flux", "SDPolicy": "flowrl.models.sd"}
+ADAPTERS = {"StableDiffusion3Pipeline": "SD3Policy", "FluxPipeline": "FluxPolicy", "StableDiffusionPipeline": "SDPolicy"}
+FAMILY_OF_PIPELINE = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "StableDiffusionPipeline": "sd"}
+TOY_BASE = "toy:shapes"
+
+
+def resolve_model_path(path: str) -> str:
+    """``toy:shapes`` names the shapes-world base shipped inside the package; anything else is used as given."""
+    if path == TOY_BASE:
+        return str(Path(__file__).resolve().parents[1] / "toy" / "base")
+    return path
 
 
 def policy_from_pipeline(pipe, **kwargs):
@@ -13,23 +27,43 @@ def policy_from_pipeline(pipe, **kwargs):
     name = type(pipe).__name__
     if name not in ADAPTERS:
         raise ValueError(f"no policy adapter for {name}; supported: {sorted(ADAPTERS)}")
-    return ADAPTERS[name](pipe, **kwargs)
+    return __getattr__(ADAPTERS[name])(pipe, **kwargs)
+
+
+def load_pipeline(path_or_id: str, dtype=None):
+    """A frozen, eval-mode pipeline from a diffusers folder or hub id (``from_pretrained``), ``toy:shapes``, or
+    ``tiny:<sd3|flux|sd>`` (built offline in code)."""
+    import torch
+
+    if path_or_id.startswith("tiny:"):
+        from flowrl.models.tiny import build_tiny
+
+        pipe = build_tiny(path_or_id.split(":", 1)[1], seed=0, **({"dtype": dtype} if dtype is not None else {}))
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(resolve_model_path(path_or_id),
+                                                 **({"dtype": dtype} if dtype is not None else {}))
+    pipe.set_progress_bar_config(disable=True)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
+    return pipe
 
 
 def load_policy(path_or_id: str, dtype=None, device=None, **kwargs):
-    """``DiffusionPipeline.from_pretrained(path_or_id)`` (a local folder or a hub id), wrapped in its adapter."""
-    import torch
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(path_or_id, **({"dtype": dtype} if dtype is not None else {}))
+    """``load_pipeline`` moved to ``device`` and wrapped in its adapter (kwargs go to the adapter)."""
+    pipe = load_pipeline(path_or_id, dtype)
     if device is not None:
         pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                module.eval()
     return policy_from_pipeline(pipe, **kwargs)
 
 
-__all__ = ["ADAPTERS", "FluxPolicy", "SD3Policy", "SDPolicy", "load_policy", "policy_from_pipeline"]
+def __getattr__(name: str):
+    if name in _ADAPTER_MODULES:
+        return getattr(importlib.import_module(_ADAPTER_MODULES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ADAPTERS", "FAMILY_OF_PIPELINE", "FluxPolicy", "SD3Policy", "SDPolicy", "TOY_BASE", "load_pipeline",
+           "load_policy", "policy_from_pipeline", "resolve_model_path"]

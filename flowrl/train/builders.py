@@ -9,10 +9,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowrl.models import FAMILY_OF_PIPELINE, resolve_model_path
 from flowrl.sampling import KERNELS, PLANS, SCHEDULES
 from flowrl.train.config import ConfigError
 
-FAMILY_OF_PIPELINE = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "StableDiffusionPipeline": "sd"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -47,16 +47,6 @@ def make_schedule(spec: dict, seed: int = 0):
 
 def make_plan(spec: dict):
     return _from_registry(spec, PLANS, "sampling.plan")
-
-
-TOY_BASE = "toy:shapes"
-
-
-def resolve_model_path(path: str) -> str:
-    """``toy:shapes`` names the shapes-world base shipped inside the package; anything else is used as given."""
-    if path == TOY_BASE:
-        return str(Path(__file__).resolve().parents[1] / "toy" / "base")
-    return path
 
 
 def model_family(path: str) -> str:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 import rewards as rewards_lib
 from flowrl.core import clipped_surrogate, combine_rewards, group_ids, kl_gaussian_mean
-from flowrl.models import policy_from_pipeline
+from flowrl.models import FAMILY_OF_PIPELINE, load_pipeline, policy_from_pipeline
 from flowrl.sampling import Constant, Flat, rollout, score_edges
 from flowrl.sampling.seeding import derive_seed
 from flowrl.train import builders, finetune
@@ -41,23 +41,6 @@ def check_run_dir(path: Path) -> None:
     """Refuse to write into a folder that already holds a run (resuming is explicit, never implied)."""
     if path.exists() and any((path / m).exists() for m in RUN_MARKERS):
         raise ConfigError(f"run.output_dir: {path} already holds a run; choose a new folder")
-
-
-def load_pipeline(model_cfg, family: str):
-    if model_cfg.path.startswith("tiny:"):
-        from flowrl.models.tiny import build_tiny
-
-        pipe = build_tiny(family, seed=0, dtype=DTYPES[model_cfg.dtype])
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(builders.resolve_model_path(model_cfg.path),
-                                                 dtype=DTYPES[model_cfg.dtype])
-    pipe.set_progress_bar_config(disable=True)
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False).eval()
-    return pipe
 
 
 def prompt_indices(seed: int, iteration: int, total: int, n: int, weights: torch.Tensor | None = None) -> list[int]:
@@ -122,9 +105,9 @@ class Trainer:
     def _build_model(self):
         cfg = self.cfg
         set_seed(cfg.run.seed)  # module initialisers (LoRA's gaussian A) draw from the global generators
-        self.pipe = load_pipeline(cfg.model, self.family).to(self.acc.device)
+        self.pipe = load_pipeline(cfg.model.path, DTYPES[cfg.model.dtype]).to(self.acc.device)
         # a hub id validated online is resolved only now
-        self.family = builders.FAMILY_OF_PIPELINE.get(type(self.pipe).__name__, self.family)
+        self.family = FAMILY_OF_PIPELINE.get(type(self.pipe).__name__, self.family)
         kw = {"max_sequence_length": cfg.model.max_sequence_length} if self.family != "sd" else {}
         if self.family == "flux":
             kw["true_cfg_scale"] = cfg.model.true_cfg_scale
