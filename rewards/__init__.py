@@ -1,7 +1,7 @@
 """Rewards: one interface, a registry by name, weighted multi-reward specs.
 
-Importing this package registers every reward family but loads no weights and touches no network;
-model-based rewards load in their constructors (or lazily on first call).
+Importing this package registers every reward family but loads no weights, touches no network and imports
+no model library; model-based rewards import transformers / open_clip and load weights in their constructors.
 """
 from .base import (
     REWARDS,
@@ -12,6 +12,11 @@ from .base import (
     parse_reward_spec,
     register,
 )
+from .aesthetic import Aesthetic
+from .clip_similarity import CLIPScore, PickScore
+from .hps import HPSv2, HPSv21
+from .imagereward import ImageReward
+from .model_reward import ModelReward
 from .multi import MultiReward
 from .programmatic import COLORS, Brightness, Color, JpegCompressibility, JpegIncompressibility, color_from_prompt
 from .toy import ShapesReward
@@ -20,4 +25,5 @@ __all__ = [
     "REWARDS", "RANGE_TOL", "Reward", "RewardOutputError", "build_reward", "parse_reward_spec", "register",
     "MultiReward", "COLORS", "Brightness", "Color", "JpegCompressibility", "JpegIncompressibility",
     "color_from_prompt", "ShapesReward",
+    "ModelReward", "PickScore", "CLIPScore", "Aesthetic", "HPSv2", "HPSv21", "ImageReward",
 ]
