@@ -1,7 +1,7 @@
 """Image preprocessing for reward models, on tensors: differentiable, batched, on the images' device.
 
-The reference implementations preprocess PIL images (torchvision / transformers). These functions do the same
-geometry on (N, 3, H, W) tensors in [0, 1]: bicubic resizing with ``antialias=True``, which is PyTorch's
+Most reference implementations preprocess PIL images (torchvision / transformers); ``resize_center_crop``
+does the same geometry on (N, 3, H, W) tensors in [0, 1]: bicubic resizing with ``antialias=True``, which is PyTorch's
 PIL-compatible kernel (it matches PIL's float resize to ~1e-6, up- and downscaling; without it the kernel
 differs by up to 0.1), in PIL's two passes with its clipping, and the same output sizes and crop offsets as
 torchvision. They skip the 8-bit quantisation of PIL round trips, so pixels match the references to within
@@ -52,13 +52,16 @@ def resize_center_crop(images: Tensor, size: int, crop: tuple[int, int] | None =
 
 def resize_longest_pad(images: Tensor, size: int) -> Tensor:
     """Longest side to ``size``, then zero padding (black, before normalisation) centred to ``size`` x ``size``:
-    HPSv2's evaluation transform (its open_clip fork's ``ResizeMaxSize``), which keeps the whole image."""
+    HPSv2's evaluation transform (its open_clip fork's ``ResizeMaxSize``), which keeps the whole image.
+
+    HPSv2 resizes the float tensor ``ToTensor`` made, not a PIL image, so this is torchvision's tensor resize:
+    one antialiased bicubic pass, no clipping."""
     h, w = images.shape[-2:]
     scale = size / max(h, w)
     if scale == 1.0:
         return images  # as ResizeMaxSize: nothing to do, even for a non-square image
     new_h, new_w = round(h * scale), round(w * scale)
-    images = _resize(images, new_h, new_w)
+    images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
     pad_h, pad_w = size - new_h, size - new_w
     return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
