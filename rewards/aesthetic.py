@@ -74,11 +74,14 @@ class Aesthetic(ModelReward):
         self._place()
 
     def modules(self):
-        return [self.clip, self.mlp]
+        return [self.clip]
+
+    def float32_modules(self):
+        return [self.mlp]
 
     def embedding(self, images):
         pixels = normalize(resize_center_crop(images, self.size, self.crop), self.mean, self.std).to(self.dtype)
-        emb = self.clip.get_image_features(pixel_values=pixels).pooler_output
+        emb = self.clip.get_image_features(pixel_values=pixels).pooler_output.float()
         return emb / emb.norm(dim=-1, keepdim=True)
 
     def score_batch(self, images, prompts):

@@ -50,11 +50,11 @@ class CLIPSimilarity(ModelReward):
     def cosine(self, images: Tensor, prompts: list[str]) -> Tensor:
         text = self.processor.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
                                         return_tensors="pt").to(self.device)
-        image_emb = self.model.get_image_features(pixel_values=self.pixel_values(images)).pooler_output
-        text_emb = self.model.get_text_features(**text).pooler_output
+        image_emb = self.model.get_image_features(pixel_values=self.pixel_values(images)).pooler_output.float()
+        text_emb = self.model.get_text_features(**text).pooler_output.float()
         image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
         text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
-        return (image_emb * text_emb).sum(-1).float()
+        return (image_emb * text_emb).sum(-1)
 
 
 @register("pickscore")

@@ -66,7 +66,7 @@ class HPSv2(ModelReward):
         pixels = normalize(resize_longest_pad(images, self.image_size), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         image_emb = self.model.encode_image(pixels.to(self.dtype), normalize=True)
         text_emb = self.model.encode_text(self.tokenizer(prompts).to(self.device), normalize=True)
-        return (image_emb * text_emb).sum(-1)
+        return (image_emb.float() * text_emb.float()).sum(-1)
 
 
 @register("hpsv21")

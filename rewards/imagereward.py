@@ -172,7 +172,10 @@ class ImageReward(ModelReward):
                                  f"{prefix!r}: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
     def modules(self):
-        return [self.vision, self.text, self.mlp]
+        return [self.vision, self.text]
+
+    def float32_modules(self):
+        return [self.mlp]  # the package runs its head on .float() features
 
     def features(self, images, prompts):
         """The text encoder's [CLS] output for each (image, prompt), before the MLP."""
@@ -183,10 +186,10 @@ class ImageReward(ModelReward):
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         out = self.text(input_ids=text.input_ids, attention_mask=text.attention_mask,
                         encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
-        return out.last_hidden_state[:, 0, :]
+        return out.last_hidden_state[:, 0, :].float()
 
     def score_batch(self, images, prompts):
-        raw = self.mlp(self.features(images, prompts)).squeeze(-1).float()
+        raw = self.mlp(self.features(images, prompts)).squeeze(-1)
         return (raw - MEAN) / STD
 
 

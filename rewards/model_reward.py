@@ -1,7 +1,8 @@
 """The base of rewards backed by neural networks: placement, frozen weights, mini-batches.
 
 Subclasses load their modules in ``__init__`` (after checking every path and argument), list them in
-``modules()``, call ``self._place()``, and implement ``score_batch(images, prompts) -> Tensor (n,)``.
+``modules()`` (and small heads in ``float32_modules()``), call ``self._place()``, and implement
+``score_batch(images, prompts) -> Tensor (n,)``.
 
 - ``device`` / ``dtype`` place the weights (``"cuda"``, ``"bfloat16"``, ...); ``.to()`` moves them later.
   Images are moved to the weights' device; scores come back float32 on the images' device.
@@ -43,7 +44,12 @@ class ModelReward(Reward):
         self.batch_size, self.needs_grad = batch_size, needs_grad
 
     def modules(self) -> list[nn.Module]:
+        """The networks placed in ``dtype``."""
         raise NotImplementedError
+
+    def float32_modules(self) -> list[nn.Module]:
+        """Small heads kept in float32 whatever ``dtype`` is, as the references run them."""
+        return []
 
     def score_batch(self, images: Tensor, prompts: list[str]) -> Tensor:
         raise NotImplementedError
@@ -51,6 +57,8 @@ class ModelReward(Reward):
     def _place(self) -> None:
         for m in self.modules():
             m.requires_grad_(False).eval().to(self.device, self.dtype)
+        for m in self.float32_modules():
+            m.requires_grad_(False).eval().to(self.device, torch.float32)
 
     def to(self, device=None, dtype=None) -> ModelReward:
         if device is not None:

@@ -404,6 +404,16 @@ def test_imagereward_finds_med_config_beside_the_checkpoint_and_checks_vocab(ir_
                      tokenizer=ir_files["tokenizer"])
 
 
+def test_imagereward_in_bfloat16_keeps_its_head_in_float32(imagereward, ir_files):
+    r = build_reward("imagereward", checkpoint=ir_files["checkpoint"], tokenizer=ir_files["tokenizer"],
+                     dtype="bfloat16")
+    assert next(r.vision.parameters()).dtype == next(r.text.parameters()).dtype == torch.bfloat16
+    assert next(r.mlp.parameters()).dtype == torch.float32
+    x = images(4, 32, 32)
+    torch.testing.assert_close(r(x, PROMPTS)["imagereward"], imagereward(x, PROMPTS)["imagereward"],
+                               atol=0.1, rtol=0.1)
+
+
 def test_imagereward_rejects_a_foreign_checkpoint(ir_files, tmp_path):
     ckpt = tmp_path / "ImageReward.pt"
     state = dict(ir_files["state"])
