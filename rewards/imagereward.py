@@ -53,8 +53,9 @@ _VIT_TOP = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.
             "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
             "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
             "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
-# in the checkpoint but not used to score: BLIP's contrastive projections and a persistent position-id buffer
-_UNUSED = ("blip.vision_proj.", "blip.text_proj.", _TEXT + "embeddings.position_ids")
+# a persistent buffer in BLIP's BERT (transformers rebuilds it); outside the ViT, the BERT and the MLP the
+# checkpoint holds only BLIP's contrastive projections (vision_proj, text_proj), unused to score and ignored
+_POSITION_IDS = _TEXT + "embeddings.position_ids"
 
 
 def vision_key(key: str) -> str:
@@ -159,17 +160,19 @@ class ImageReward(ModelReward):
                     vision[vision_key(key[len(_VIT):])] = value
                 except KeyError:
                     stray.append(key)
-            elif key.startswith(_TEXT) and not key.startswith(_UNUSED):
+            elif key.startswith(_TEXT) and key != _POSITION_IDS:
                 text[key[len(_TEXT):]] = value
-            elif not key.startswith(("mlp.", *_UNUSED)):
-                stray.append(key)
         if stray:
-            raise ValueError(f"reward {self.name!r}: {source} has keys this architecture does not use: {stray[:8]}")
+            raise ValueError(f"reward {self.name!r}: {source} has ViT keys this architecture does not use: "
+                             f"{stray[:8]}")
         for module, sub, prefix in ((self.vision, vision, _VIT), (self.text, text, _TEXT)):
-            missing, unexpected = module.load_state_dict(sub, strict=False)
+            what = f"reward {self.name!r}: {source} does not fit {type(module).__name__} under {prefix!r}"
+            try:
+                missing, unexpected = module.load_state_dict(sub, strict=False)
+            except RuntimeError as e:  # shape mismatches
+                raise ValueError(f"{what}: {e}") from None
             if missing or unexpected:
-                raise ValueError(f"reward {self.name!r}: {source} does not fit {type(module).__name__} under "
-                                 f"{prefix!r}: missing {missing[:8]}, unexpected {unexpected[:8]}")
+                raise ValueError(f"{what}: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
     def modules(self):
         return [self.vision, self.text]

@@ -419,10 +419,19 @@ def test_imagereward_rejects_a_foreign_checkpoint(ir_files, tmp_path):
     state = dict(ir_files["state"])
     state["blip.visual_encoder.blocks.0.attn.extra.weight"] = torch.zeros(1)
     torch.save(state, ckpt)
-    with pytest.raises(ValueError, match=r"keys this architecture does not use.*attn\.extra"):
-        build_reward("imagereward", checkpoint=str(ckpt),
-                     med_config=ir_files["med_config"],
-                     tokenizer=ir_files["tokenizer"])
+    kw = {"med_config": ir_files["med_config"], "tokenizer": ir_files["tokenizer"]}
+    with pytest.raises(ValueError, match=r"ViT keys this architecture does not use.*attn\.extra"):
+        build_reward("imagereward", checkpoint=str(ckpt), **kw)
+    state = dict(ir_files["state"])
+    state["blip.text_encoder.encoder.layer.1.crossattention.self.query.weight"] = torch.zeros(32, 16)
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match=r"(?s)does not fit BlipTextModel.*crossattention\.self\.query"):
+        build_reward("imagereward", checkpoint=str(ckpt), **kw)
+    state = dict(ir_files["state"])
+    del state["blip.text_encoder.encoder.layer.0.output.dense.bias"]
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match=r"missing \['encoder\.layer\.0\.output\.dense\.bias'\]"):
+        build_reward("imagereward", checkpoint=str(ckpt), **kw)
 
 
 def test_every_model_reward_is_registered():
