@@ -2,12 +2,15 @@
 
     python scripts/imagereward_parity.py --legacy-python /path/to/legacy/venv/bin/python [--workdir DIR]
 
-The package runs only in a legacy stack (transformers 4.57, diffusers 0.39, datasets < 5, image-reward 1.5,
-clip-anytorch, setuptools < 81, a torch / torchvision pair that agree), so this script, run with flowrl's
-environment, drives it in a subprocess of ``--legacy-python``. That subprocess builds the package's
-``ImageReward`` module (ViT-L + BERT-base, hard-coded) with random weights, ``torch.save``s its state dict as
-``ImageReward.pt``, loads it back through ``ImageReward.load`` and scores every (image, prompt) pair with
-``model.score(prompt, PIL image)``. This process loads the same file with ``rewards.ImageReward`` and scores the
+The package runs only in a legacy stack, made once outside the repository with
+
+    python3 -m venv venv-ir && venv-ir/bin/pip install "torch==2.14.1" "torchvision==0.29.1" \
+        "transformers==4.57.6" "diffusers==0.39.*" "datasets<5" "setuptools<81" image-reward clip-anytorch
+
+so this script, run with flowrl's environment, drives it in a subprocess of ``--legacy-python``. That
+subprocess builds the package's ``ImageReward`` module (ViT-L + BERT-base, hard-coded) with random weights,
+``torch.save``s its state dict as ``ImageReward.pt``, loads it back through ``ImageReward.load`` and scores every
+(image, prompt) pair with ``model.score(prompt, PIL image)``. This process loads the same file with ``rewards.ImageReward`` and scores the
 same pairs from tensors. Nothing is downloaded: the tokenizer is a BERT vocabulary of bert-base-uncased's size
 and special-token ids written here, used by both sides (the package's ``bert-base-uncased`` lookup is pointed
 at it, along with a shim for three helpers transformers moved to ``pytorch_utils``).
