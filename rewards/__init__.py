@@ -13,11 +13,16 @@ from .base import (
     register,
 )
 from .multi import MultiReward
+from .ocr import OcrReward
+from .pairwise import PairwiseWinRate
 from .programmatic import COLORS, Brightness, Color, JpegCompressibility, JpegIncompressibility, color_from_prompt
+from .remote import GenEvalRemote, RemoteReward
 from .toy import ShapesReward
+from .vlm import VLMJudge
 
 __all__ = [
     "REWARDS", "RANGE_TOL", "Reward", "RewardOutputError", "build_reward", "parse_reward_spec", "register",
     "MultiReward", "COLORS", "Brightness", "Color", "JpegCompressibility", "JpegIncompressibility",
     "color_from_prompt", "ShapesReward",
+    "GenEvalRemote", "OcrReward", "PairwiseWinRate", "RemoteReward", "VLMJudge",
 ]
