@@ -184,7 +184,8 @@ class MMDetDetector:
             boxes, masks = result if isinstance(result, tuple) else (result, None)
             if len(boxes) != len(self.names):
                 raise ValueError(f"detector has {len(boxes)} classes but class_names lists {len(self.names)}")
-            out.append({name: [(b[:4], float(b[4]), None if masks is None else masks[k][i]) for i, b in enumerate(boxes[k])]
+            out.append({name: [(b[:4], float(b[4]), None if masks is None else masks[k][i])
+                               for i, b in enumerate(boxes[k])]
                         for k, name in enumerate(self.names)})
         return out
 

@@ -115,8 +115,8 @@ class PairwiseWinRate(Reward):
             if len(idx) < 2:
                 continue
             sel = [n for n, p in enumerate(pairs) if p[0] == g]
-            prefs = preference_matrix(torch.tensor([pairs[n][1] for n in sel]), torch.tensor([pairs[n][2] for n in sel]),
-                                      p_ab[sel], len(idx))
+            pos_a, pos_b = torch.tensor([pairs[n][1] for n in sel]), torch.tensor([pairs[n][2] for n in sel])
+            prefs = preference_matrix(pos_a, pos_b, p_ab[sel], len(idx))
             rates[idx] = pairwise_win_rates(prefs)
         return rates.float()
 

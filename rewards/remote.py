@@ -79,8 +79,10 @@ class RemoteReward(Reward):
         if not isinstance(scores, dict):
             raise RemoteError(f"reward {self.name!r}: {self.url}/score answered without a 'scores' object: "
                               f"{str(answer)[:200]}")
-        bad = [k for k, v in scores.items()
-               if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)]
+        def numbers(v):
+            return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+        bad = [k for k, v in scores.items() if not numbers(v)]
         if bad:
             raise RemoteError(f"reward {self.name!r}: {self.url}/score sent non-numeric scores for {bad}")
         return {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()}

@@ -105,8 +105,9 @@ def check_scores(scores: Any, n: int) -> dict[str, list[float]]:
             raise ValueError(f"scorer's {key!r} must be a list of numbers") from None
         if len(floats) != n:
             raise ValueError(f"scorer's {key!r} has {len(floats)} values for {n} images")
-        if not all(math.isfinite(v) for v in floats):  # JSON cannot carry NaN portably; the client names it
-            raise ValueError(f"scorer's {key!r} is NaN/inf at {[i for i, v in enumerate(floats) if not math.isfinite(v)][:10]}")
+        bad = [i for i, v in enumerate(floats) if not math.isfinite(v)]
+        if bad:  # JSON cannot carry NaN portably
+            raise ValueError(f"scorer's {key!r} is NaN/inf at {bad[:10]}")
         out[key] = floats
     return out
 

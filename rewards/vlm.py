@@ -88,7 +88,8 @@ class VLMJudge(Reward):
         try:
             listing = request_json(f"{self.url}/models", None, self.policy, self.headers)
         except RemoteError as e:
-            raise RemoteError(f"reward {self.name!r}: no OpenAI-compatible endpoint answers at {self.url} ({e})") from None
+            raise RemoteError(f"reward {self.name!r}: no OpenAI-compatible endpoint answers at {self.url} "
+                              f"({e})") from None
         served = [m.get("id") for m in listing.get("data", [])] if isinstance(listing, dict) else []
         if self.model not in served:
             raise ValueError(f"reward {self.name!r}: {self.url} serves {served}, not model {self.model!r}")

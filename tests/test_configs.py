@@ -24,7 +24,7 @@ LAUNCH_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 PROMPTS = REPO / "flowrl" / "data" / "prompts"
 
 # Reward names that recipes may use before their implementation lands (model-based and detector rewards).
-PENDING_REWARDS = {"pickscore", "geneval", "ocr", "hpsv2", "imagereward", "clipscore", "aesthetic"}
+PENDING_REWARDS = {"pickscore", "hpsv2", "imagereward", "clipscore", "aesthetic"}
 
 # Training sets flowrl does not ship. Only the test splits are in the package, and training on them would leak.
 # recipe -> (the path the recipe names, a shipped file of the same format that stands in for validation)
