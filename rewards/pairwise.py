@@ -32,15 +32,22 @@ Judge = Callable[[Tensor, Tensor, list], Any]
 
 
 class ScoreJudge:
-    """A pointwise reward as a judge: a beats b when its score is higher; equal scores tie."""
+    """A pointwise reward as a judge: a beats b when its score is higher; equal scores tie. ``PairwiseWinRate``
+    scores each image once through ``scores`` and compares the numbers, instead of G - 1 times per image."""
 
     def __init__(self, reward: Reward):
         self.reward = reward
 
+    def scores(self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None) -> Tensor:
+        return self.reward(images, prompts, metadata)[self.reward.label].detach().double().cpu()
+
+    @staticmethod
+    def compare(sa: Tensor, sb: Tensor) -> Tensor:
+        return (sa > sb).double() + 0.5 * (sa == sb).double()
+
     def __call__(self, images_a: Tensor, images_b: Tensor, prompts: list[str]) -> Tensor:
-        both = self.reward(torch.cat([images_a, images_b]), list(prompts) * 2)[self.reward.label]
-        sa, sb = both[:len(prompts)], both[len(prompts):]
-        return (sa > sb).float() + 0.5 * (sa == sb).float()
+        both = self.scores(torch.cat([images_a, images_b]), list(prompts) * 2)
+        return self.compare(both[:len(prompts)], both[len(prompts):])
 
 
 def build_judge(judge: str | Judge, judge_kwargs: Mapping[str, Any] | None = None) -> Judge:
@@ -108,9 +115,13 @@ class PairwiseWinRate(Reward):
             return rates.float()
         ia, ib = [p[3] for p in pairs], [p[4] for p in pairs]
         texts = [prompts[k] for k in ia]
-        p_ab = self._judge(images, ia, ib, texts)
-        if self.both_orders:
-            p_ab = (p_ab + 1 - self._judge(images, ib, ia, texts)) / 2
+        if isinstance(self.judge, ScoreJudge):  # symmetric by construction: both orders give the same
+            s = self.judge.scores(images, prompts, metadata)
+            p_ab = ScoreJudge.compare(s[ia], s[ib])
+        else:
+            p_ab = self._judge(images, ia, ib, texts)
+            if self.both_orders:
+                p_ab = (p_ab + 1 - self._judge(images, ib, ia, texts)) / 2
         for g, idx in members.items():
             if len(idx) < 2:
                 continue

@@ -9,9 +9,11 @@ failures of a server that is restarting, overloaded or behind a proxy that lost 
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +51,16 @@ def _error_text(err: urllib.error.HTTPError) -> str:
         return body.strip()[:2000] or err.reason
 
 
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """A loopback server is reached directly: an http_proxy set for the cluster must not swallow it."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback else urllib.request.build_opener()
+
+
 def request_json(url: str, payload: Mapping[str, Any] | None, policy: RetryPolicy,
                  headers: Mapping[str, str] | None = None) -> Any:
     """GET (payload None) or POST a JSON body; the decoded JSON answer, after retries. Raises RemoteError."""
@@ -56,11 +68,11 @@ def request_json(url: str, payload: Mapping[str, Any] | None, policy: RetryPolic
     method = "GET" if payload is None else "POST"
     hdrs = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
     attempts = policy.retries + 1
-    last = ""
+    opener, last = _opener(url), ""
     for k in range(attempts):
         try:
             req = urllib.request.Request(url, data=data, headers=hdrs, method=method)
-            with urllib.request.urlopen(req, timeout=policy.timeout) as resp:
+            with opener.open(req, timeout=policy.timeout) as resp:
                 body = resp.read()
             try:
                 return json.loads(body)

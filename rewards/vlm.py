@@ -59,13 +59,15 @@ class VLMJudge(Reward):
             if not isinstance(t, str) or "{prompt}" not in t:
                 raise ValueError(f"{who}: {arg} must be a str containing {{prompt}}, got {t!r}")
         self.pattern, self.pair_pattern = self._regex(pattern, "pattern"), self._regex(pair_pattern, "pair_pattern")
-        if (isinstance(score_range, str) or not isinstance(score_range, Sequence) or len(score_range) != 2
-                or not float(score_range[0]) < float(score_range[1])):
-            raise ValueError(f"{who}: score_range must be [low, high] with low < high, got {score_range!r}")
+        try:
+            low, high = (float(v) for v in score_range)
+            assert not isinstance(score_range, str) and low < high
+        except (TypeError, ValueError, AssertionError):
+            raise ValueError(f"{who}: score_range must be [low, high] with low < high, got {score_range!r}") from None
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"{who}: concurrency must be an int >= 1, got {concurrency!r}")
         self.model, self.template, self.pair_template = model, template, pair_template
-        self.low, self.high = float(score_range[0]), float(score_range[1])
+        self.low, self.high = low, high
         self.max_tokens, self.temperature, self.concurrency = int(max_tokens), float(temperature), concurrency
         self.policy = retry_policy(self.name, timeout, retries, backoff)
         self.headers = {}

@@ -93,3 +93,23 @@ def test_groups_reach_the_pairwise_component_of_a_multi_reward():
     out = mr(solid([10, 20, 30, 40]), ["a", "a", "b", "b"], groups=torch.tensor([0, 0, 1, 1]))
     assert out["pairwise"].tolist() == [0.0, 1.0, 0.0, 1.0]
     assert out["brightness"].tolist() == pytest.approx([v / 255 for v in (10, 20, 30, 40)])
+
+
+def test_a_pointwise_judge_scores_each_image_once():
+    from rewards import Reward
+    from rewards.pairwise import PairwiseWinRate, ScoreJudge
+
+    class Counting(Reward):
+        name = "counting"
+
+        def __init__(self):
+            self.batches = []
+
+        def score(self, images, prompts, metadata):
+            self.batches.append(len(prompts))
+            return images.mean(dim=(1, 2, 3))
+
+    inner = Counting()
+    reward = PairwiseWinRate(judge=ScoreJudge(inner))
+    out = reward(solid([3, 1, 2, 9, 8]), ["a"] * 3 + ["b"] * 2, groups=torch.tensor([0, 0, 0, 1, 1]))
+    assert out["pairwise"].tolist() == [1.0, 0.0, 0.5, 1.0, 0.0] and inner.batches == [5]

@@ -226,3 +226,11 @@ def test_toy_scorer_in_process_equals_the_shapes_reward():
     out = toy_scorer(to_uint8(x), [m["prompt"] for m in metas], metas)
     ref = build_reward("shapes")(x, [m["prompt"] for m in metas], metas)
     assert out["score"] == ref["shapes"].tolist() and out["correct"] == ref["shapes/correct"].tolist()
+
+
+def test_loopback_bypasses_a_configured_proxy(server, monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{free_port()}")  # a proxy that is not there
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert build_reward("remote", url=server.url, **FAST)(images(1), ["p"])["remote"].shape == (1,)
