@@ -16,8 +16,9 @@ Protocol (JSON both ways, so a server can be written in anything):
 
 Why PNG in JSON: images are quantised to uint8 exactly as an image file holds them, which is what detectors
 and OCR engines are built and benchmarked on (GenEval grades saved PNGs), so a score through the server is
-the score of the saved image. PNG is lossless and 2-4x smaller than raw pixels on generated images; base64
-adds a third. Never pickle: unpickling a request runs arbitrary code in the server.
+the score of the saved image. PNG is lossless and about half the size of raw pixels on smooth images (a
+512x512 one: 397 KB against 768 KB, 42 ms to encode); base64 adds a third. Never pickle: unpickling a request
+runs arbitrary code in the server.
 
 One request is scored at a time (a lock): scorers usually hold one model on one device, and several training
 processes may call at once. This module needs only the standard library, numpy and Pillow, so it also runs
@@ -42,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 Scorer = Callable[[np.ndarray, list, list], Mapping[str, Sequence[float]]]
-PNG_COMPRESS_LEVEL = 1  # zlib level 1: most of the size win of PNG at a fraction of level 6's encode time
+PNG_COMPRESS_LEVEL = 1  # zlib level 1: level 6 saves another 14% of the bytes at twice the encode time
 
 
 # -- codec (shared with the client) -------------------------------------------------------------------
