@@ -88,6 +88,8 @@ def _sample(args) -> None:
 
 
 def _eval(args) -> None:
+    import torch
+
     import rewards
 
     prompts, metadata = _prompts(args)
@@ -96,7 +98,8 @@ def _eval(args) -> None:
     images = _sample_images(policy, family, prompts, args, args.num, sde=False)
     expanded = [p for p in prompts for _ in range(args.num)]
     meta = [m for m in metadata for _ in range(args.num)]
-    all_scores = reward(images, expanded, meta)
+    groups = torch.arange(len(prompts)).repeat_interleave(args.num)  # a prompt's images: one group (pairwise)
+    all_scores = reward(images, expanded, meta, groups=groups)
     scores = {**reward.main_scores(all_scores), **{k: v for k, v in all_scores.items() if k.endswith("/correct")}}
     n = len(images)
     table = {k: {"mean": float(v.mean()), "std": float(v.std()) if n > 1 else 0.0,

@@ -18,12 +18,17 @@ from .hps import HPSv2, HPSv21
 from .imagereward import ImageReward
 from .model_reward import ModelReward
 from .multi import MultiReward
+from .ocr import OcrReward
+from .pairwise import PairwiseWinRate
 from .programmatic import COLORS, Brightness, Color, JpegCompressibility, JpegIncompressibility, color_from_prompt
+from .remote import GenEvalRemote, RemoteReward
 from .toy import ShapesReward
+from .vlm import VLMJudge
 
 __all__ = [
     "REWARDS", "RANGE_TOL", "Reward", "RewardOutputError", "build_reward", "parse_reward_spec", "register",
     "MultiReward", "COLORS", "Brightness", "Color", "JpegCompressibility", "JpegIncompressibility",
     "color_from_prompt", "ShapesReward",
     "ModelReward", "PickScore", "CLIPScore", "Aesthetic", "HPSv2", "HPSv21", "ImageReward",
+    "GenEvalRemote", "OcrReward", "PairwiseWinRate", "RemoteReward", "VLMJudge",
 ]

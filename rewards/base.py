@@ -2,7 +2,12 @@
 
 A reward maps a batch of decoded images and their prompts to one or more named scores:
 
-    reward(images (N,3,H,W) float in [0,1], prompts: list[str], metadata: list[dict] | None) -> dict[str, Tensor]
+    reward(images (N,3,H,W) float in [0,1], prompts: list[str], metadata: list[dict] | None,
+           groups: LongTensor (N,) | None) -> dict[str, Tensor]
+
+``groups`` says which samples are compared with each other (the trainer passes each sample's prompt slot).
+Pointwise rewards ignore it; a reward that ranks samples within their group (Pref-GRPO's pairwise win rate)
+sets ``uses_groups = True``, gets it as a fourth argument of ``score`` and refuses a call without it.
 
 Score naming. A subclass's ``score`` returns either one Tensor (its main score) or a dict of *local*
 keys that must contain the class's ``main_key``. ``__call__`` renames them globally: the main score
@@ -41,6 +46,7 @@ class Reward:
     name: str = ""            # set by @register; build_reward sets it on the instance too
     main_key: str = "score"   # local key of the score a weight applies to
     needs_grad: bool = False  # False: __call__ runs score under torch.no_grad
+    uses_groups: bool = False  # True: score(images, prompts, metadata, groups) and groups are required
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor | dict[str, Tensor]:
         raise NotImplementedError
@@ -55,11 +61,15 @@ class Reward:
     def label(self) -> str:
         return self.name or type(self).__name__
 
-    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None
-                 ) -> dict[str, Tensor]:
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None,
+                 groups: Tensor | None = None) -> dict[str, Tensor]:
         prompts, metadata = self._check_inputs(images, prompts, metadata)
+        groups = self._check_groups(groups, images.shape[0])
         with torch.set_grad_enabled(self.needs_grad and torch.is_grad_enabled()):
-            raw = self.score(images, prompts, metadata)
+            if self.uses_groups:
+                raw = self.score(images, prompts, metadata, groups)
+            else:
+                raw = self.score(images, prompts, metadata)
         return self._check_outputs(raw, images)
 
     def __repr__(self) -> str:
@@ -101,6 +111,18 @@ class Reward:
         elif not all(isinstance(m, Mapping) for m in metadata):
             raise ValueError(f"{who}: every metadata entry must be a dict")
         return list(prompts), list(metadata)
+
+    def _check_groups(self, groups, n: int) -> Tensor | None:
+        who = f"reward {self.label!r}"
+        if groups is None:
+            if self.uses_groups:
+                raise ValueError(f"{who} compares samples within groups: pass groups= (one group id per image, "
+                                 "e.g. its prompt index)")
+            return None
+        if not isinstance(groups, Tensor) or groups.dtype != torch.long or groups.shape != (n,):
+            raise ValueError(f"{who}: groups must be a LongTensor of shape ({n},), got "
+                             f"{getattr(groups, 'dtype', type(groups).__name__)} {tuple(getattr(groups, 'shape', ()))}")
+        return groups.cpu()
 
     def _check_outputs(self, raw, images: Tensor) -> dict[str, Tensor]:
         who, n = self.label, images.shape[0]

@@ -47,11 +47,15 @@ class MultiReward:
     def needs_grad(self) -> bool:
         return any(r.needs_grad for r in self.rewards.values())
 
-    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None
-                 ) -> dict[str, Tensor]:
+    @property
+    def uses_groups(self) -> bool:
+        return any(r.uses_groups for r in self.rewards.values())
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None,
+                 groups: Tensor | None = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for reward in self.rewards.values():
-            out.update(reward(images, prompts, metadata))
+            out.update(reward(images, prompts, metadata, groups))
         return out
 
     def main_scores(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:

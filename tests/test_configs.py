@@ -23,9 +23,6 @@ RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 LAUNCH_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 PROMPTS = REPO / "flowrl" / "data" / "prompts"
 
-# Reward names that recipes may use before their implementation lands (model-based and detector rewards).
-PENDING_REWARDS = {"geneval", "ocr"}
-
 # Training sets flowrl does not ship. Only the test splits are in the package, and training on them would leak.
 # recipe -> (the path the recipe names, a shipped file of the same format that stands in for validation)
 USER_PROVIDED_TRAIN = {
@@ -110,7 +107,7 @@ def test_recipe_validates_with_offline_standins(path, in_repo):
 def test_recipe_rewards_are_known(path):
     names = _reward_names(_raw(path)["rewards"]["components"])
     assert names
-    unknown = [n for n in names if n not in rewards.REWARDS and n not in PENDING_REWARDS]
+    unknown = [n for n in names if n not in rewards.REWARDS]
     assert not unknown, f"{path.name}: unknown reward(s) {unknown} (registered: {sorted(rewards.REWARDS)})"
 
 

@@ -205,10 +205,12 @@ class Trainer:
         t_rollout = time.perf_counter() - t0
         leaves = forest.leaves()
         leaf_prompt = forest.node_prompt[leaves]
+        slots = torch.tensor([local[p] for p in leaf_prompt])
         with torch.no_grad():
             images = self._decode(forest.latents[leaves])
-            scores = self.reward(images, [prompts[p] for p in leaf_prompt], [meta[p] for p in leaf_prompt])
-        slots = torch.tensor([local[p] for p in leaf_prompt])
+            # groups: pairwise rewards (Pref-GRPO) compare the samples of one prompt, all on this process
+            scores = self.reward(images, [prompts[p] for p in leaf_prompt], [meta[p] for p in leaf_prompt],
+                                 groups=slots)
         leaf_adv, gathered, all_slots, all_adv = self._advantages(scores, slots)
         t_reward = time.perf_counter() - t0 - t_rollout
         if c.run.dump_advantages and acc.is_main_process:
@@ -222,6 +224,9 @@ class Trainer:
         row = {"iteration": it, "world_size": acc.num_processes}
         for k, v in gathered.items():
             row[f"reward/{k}_mean"], row[f"reward/{k}_std"] = float(v.mean()), float(v.std())
+        for k, v in scores.items():  # extras (e.g. geneval/correct): logged, never in the advantage
+            if k not in gathered:
+                row[f"reward/{k}_mean"] = float(acc.gather(v.to(acc.device)).mean())
         row["reward/mean"] = float(self.reward.weighted_sum(gathered).mean())
         row.update({"adv/mean": float(all_adv.mean()), "adv/std": float(all_adv.std()),
                     "adv/abs_mean": float(all_adv.abs().mean()),
@@ -318,7 +323,9 @@ class Trainer:
         n = min(self.cfg.eval.num_prompts, len(self.eval_set))
         mine = list(range(acc.process_index, n, acc.num_processes))
         images = self._eval_images(mine)
-        scores = self.reward(images, [self.eval_set.prompts[i] for i in mine], [self.eval_set.metadata[i] for i in mine])
+        # one sample per prompt, so one group each (a pairwise reward scores 1/2 here: nothing to compare)
+        scores = self.reward(images, [self.eval_set.prompts[i] for i in mine],
+                             [self.eval_set.metadata[i] for i in mine], groups=torch.arange(len(mine)))
         row = {}
         for k, v in self.reward.main_scores(scores).items():
             row[f"eval/{k}_mean"] = float(acc.gather_for_metrics(v.to(acc.device)).mean())
