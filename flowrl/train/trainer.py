@@ -475,7 +475,8 @@ class Trainer:
                         for k, v in s.items():
                             step_logs.setdefault(k, []).append(v.detach().float().reshape(-1))
                     grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
-                    finite = bool(torch.isfinite(grad_norm)) if grad_norm is not None else guards.grads_finite(self.params)
+                    finite = (bool(torch.isfinite(grad_norm)) if grad_norm is not None
+                              else guards.grads_finite(self.params))
                     if self._any_process(bool(bad_units) or not finite):
                         self.optimizer.zero_grad(set_to_none=True)
                         ids = sorted(set(gather_object([prompt_ids[int(unit_prompt[u])] for u in bad_units])))
@@ -485,7 +486,8 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.ema is not None:
                         self.ema.step(self.params)
-                    step_logs["grad_norm"] = [torch.tensor([float(grad_norm) if grad_norm is not None else float("nan")])]
+                    norm = float(grad_norm) if grad_norm is not None else float("nan")
+                    step_logs["grad_norm"] = [torch.tensor([norm])]
                     for k, v in step_logs.items():
                         logs.setdefault(k, []).extend(v)
         return self._reduce_logs(logs), None
