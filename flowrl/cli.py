@@ -28,9 +28,10 @@ def _train(args) -> None:
         return
     if stopped:
         it = trainer.state.iteration
+        same = " (with the same --set options)" if args.set else ""
         print(f"flowrl: stopped by {stopped} after {it} of {cfg.run.iterations} iterations; checkpoint "
               f"{trainer.stopped[1]}\nflowrl: continue with: flowrl train {args.config} --resume "
-              f"{cfg.run.output_dir}")
+              f"{cfg.run.output_dir}{same}")
         return
     out = "lora" if cfg.finetune.mode == "lora" else "model"
     print(f"flowrl: finished {cfg.run.iterations} iterations; run folder {cfg.run.output_dir} ({out}/, "

@@ -16,13 +16,14 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "tiny_smoke.yaml"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-ENV_2 = {**ENV, "OMP_NUM_THREADS": "1"}  # two processes on two cores: more threads only contend
+# one intra-op thread: the tiny models gain nothing from more, and on a busy 2-core box the spinning threads of
+# several processes slowed the 24-iteration smoke run from 22 s to 97 s
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def _flowrl(*args, launcher=None, timeout=600, env=ENV):
+def _flowrl(*args, launcher=None, timeout=600):
     cmd = (launcher or [sys.executable, "-m", "flowrl.cli"]) + list(args)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -118,11 +119,11 @@ def test_two_processes_match_one(tmp_path):
     common = ["--set", f"run.iterations={iters}", "--set", "run.dump_advantages=true", "--set",
               "run.progress=false", "--set", "eval.every=0"]
     one, two = tmp_path / "one", tmp_path / "two"
-    res1 = _flowrl("train", str(RECIPE), "--set", f"run.output_dir={one}", *common, env=ENV_2)
+    res1 = _flowrl("train", str(RECIPE), "--set", f"run.output_dir={one}", *common)
     assert res1.returncode == 0, res1.stderr[-3000:]
 
     args = ["train", str(RECIPE), "--set", f"run.output_dir={two}", *common]
-    proc = subprocess.Popen(_two_processes() + args, cwd=ROOT, env=ENV_2, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_two_processes() + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not ((two / "metrics.jsonl").exists() and (two / "metrics.jsonl").read_text().count("\n") >= 1):
@@ -136,7 +137,7 @@ def test_two_processes_match_one(tmp_path):
     ckpt = two / "checkpoints" / f"iter_{stopped:06d}"
     info = json.loads((ckpt / "checkpoint.json").read_text())
     assert info["world_size"] == 2 and {"random_states_0.pkl", "random_states_1.pkl"} <= set(info["files"])
-    res2 = _flowrl(*args, "--resume", "latest", launcher=_two_processes(), env=ENV_2)
+    res2 = _flowrl(*args, "--resume", "latest", launcher=_two_processes())
     assert res2.returncode == 0, res2.stderr[-3000:]
 
     rows1, rows2 = _metrics(one), _metrics(two)

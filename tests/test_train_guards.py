@@ -149,9 +149,12 @@ def test_failing_reward_is_retried_then_fails_by_name_leaving_checkpoints_intact
     assert len((tmp_path / "fails" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_everything_registered_comes_back_on_resume(tmp_path):
-    """LoRA, Adam, LR schedule, EMA, per-prompt tracker, loop state and the global RNGs, exactly."""
-    extra = ["advantages.per_prompt_tracker=true", "training.warmup_iterations=3", "run.iterations=4"]
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_everything_registered_comes_back_on_resume(tmp_path, mode):
+    """Trained weights (the LoRA file, or the full model through accelerate), Adam, LR schedule, EMA, per-prompt
+    tracker, loop state and the global RNGs, exactly."""
+    extra = ["advantages.per_prompt_tracker=true", "training.warmup_iterations=3", "run.iterations=4",
+             f"finetune.mode={mode}", "training.lr=1e-3"]
     tr = trainer(tmp_path, *extra)
     for it in range(2):
         tr.state.iteration = it + 1
@@ -170,3 +173,5 @@ def test_everything_registered_comes_back_on_resume(tmp_path):
            "rng": torch.get_rng_state()}
     assert same(got, expected) and got["tracker"] == expected["tracker"] and got["state"] == expected["state"]
     assert len(again.rows) == 2
+    weights = {"lora": "pytorch_lora_weights.safetensors", "full": "model.safetensors"}
+    assert sorted(p.name for p in path.glob("*.safetensors")) == [weights[mode]]

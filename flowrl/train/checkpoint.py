@@ -8,6 +8,13 @@ every file) is written last, and only then is the folder renamed into place. A c
 earlier checkpoints intact and the new one either complete or invisible. A folder counts as *complete* when its
 marker parses and every file it lists exists with the listed size; ``--resume latest`` takes the complete one
 with the highest iteration and skips the others, saying why.
+
+Random state. Every draw the loop makes comes from a generator seeded by what is drawn: prompt sampling
+(seed, iteration), rollout noise (seed, iteration, prompt, sample, step), the Window schedule's start (seed,
+iteration), DanceGRPO's timestep subset and the micro-batch shuffle (seed, iteration, prompt / epoch, process).
+None of them needs saved state. What does draw from the global python / numpy / torch generators (LoRA's
+initialisation, rewards or user code that use them, dropout were a model in train mode) is covered by the
+per-process RNG files accelerate writes.
 """
 from __future__ import annotations
 

@@ -432,9 +432,10 @@ class Trainer:
         self.state.skips += 1
         self.state.consecutive_skips += 1
         where = f"prompt ids {prompt_ids}" if prompt_ids else "not attributable to a prompt"
-        self._warn(f"iteration {row['iteration']}: non-finite {reason} ({where}); update skipped "
-                   f"({self.state.consecutive_skips} in a row, the run stops at "
-                   f"{self.cfg.training.max_consecutive_skips})")
+        if self.acc.is_main_process:  # a collective decision: said once
+            logger.warning(f"flowrl: iteration {row['iteration']}: non-finite {reason} ({where}); update skipped "
+                           f"({self.state.consecutive_skips} in a row, the run stops at "
+                           f"{self.cfg.training.max_consecutive_skips})")
         row.update({"skipped": reason, "skipped_prompts": prompt_ids, "skips": self.state.skips,
                     "lr": self.lr_scheduler.get_last_lr()[0], "nfe": self._nfe(forest)})
         row.setdefault("time/rollout", t_rollout)
