@@ -10,14 +10,17 @@ from rewards import Reward, register
 @register("test_nan")
 class NaNReward(Reward):
     """Mean brightness, but NaN at ``samples`` on the calls numbered in ``calls`` (0-based, per instance; every
-    call from ``from_call`` on too, if given)."""
+    call from ``from_call`` on too, if given); or, with ``prompt``, NaN for every sample of that prompt."""
 
-    def __init__(self, calls=(), samples=(0,), from_call=None):
-        self.calls, self.samples, self.from_call, self.made = set(calls), list(samples), from_call, 0
+    def __init__(self, calls=(), samples=(0,), from_call=None, prompt=None):
+        self.calls, self.samples, self.from_call, self.prompt = set(calls), list(samples), from_call, prompt
+        self.made = 0
 
     def score(self, images, prompts, metadata):
         out = images.mean(dim=(1, 2, 3))
-        if self.made in self.calls or (self.from_call is not None and self.made >= self.from_call):
+        if self.prompt is not None:
+            out[[i for i, p in enumerate(prompts) if p == self.prompt]] = float("nan")
+        elif self.made in self.calls or (self.from_call is not None and self.made >= self.from_call):
             out[self.samples] = float("nan")
         self.made += 1
         return out

@@ -204,3 +204,16 @@ def test_stop_signal_first_asks_second_exits():
                          check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 128 + signal.SIGTERM and "still running" not in res.stdout
     assert "second SIGTERM: exiting now" in res.stderr
+
+
+def test_reward_modules_and_fault_settings_are_validated():
+    cfg = load_config(RECIPE, ["rewards.modules=[fault_rewards]", "rewards.components=test_nan:1"])
+    assert cfg.rewards.modules == ["fault_rewards"]
+    for override, needle in [("rewards.modules=[no_such_reward_module]", "rewards.modules[0]: cannot import"),
+                             ("rewards.timeout=0", "rewards.timeout"), ("rewards.retries=-1", "rewards.retries"),
+                             ("training.max_consecutive_skips=0", "training.max_consecutive_skips"),
+                             ("run.keep_checkpoints=-1", "run.keep_checkpoints")]:
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            load_config(RECIPE, [override])
+    with pytest.raises(ConfigError, match="rewards.combine: the per-prompt tracker"):
+        load_config(RECIPE, ["advantages.per_prompt_tracker=true", "rewards.combine=normalize_then_sum"])

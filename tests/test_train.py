@@ -19,11 +19,12 @@ RECIPE = ROOT / "configs" / "tiny_smoke.yaml"
 # one intra-op thread: the tiny models gain nothing from more, and on a busy 2-core box the spinning threads of
 # several processes slowed the 24-iteration smoke run from 22 s to 97 s
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV_FAULTS = {**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # + tests/fault_rewards.py
 
 
-def _flowrl(*args, launcher=None, timeout=600):
+def _flowrl(*args, launcher=None, timeout=600, env=ENV):
     cmd = (launcher or [sys.executable, "-m", "flowrl.cli"]) + list(args)
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -114,16 +115,29 @@ def test_two_processes_match_one(tmp_path):
     shape), and the gradient is the DDP all-reduce mean of two per-process sums instead of one sum. The
     2-process run is also stopped by SIGTERM to its rank-1 process only, then resumed on 2 processes: both
     processes stop after the same iteration (else the run would hang or fail) with one checkpoint that holds
-    both processes' random states."""
-    iters = 3
+    both processes' random states. The reward is brightness, NaN for one prompt that only iteration 1 draws,
+    held by rank 1 in the 2-process run: both runs skip that update, naming the prompt (a skip decided by rank
+    1 alone would leave rank 0 waiting in the advantage all-gather)."""
+    from flowrl.train.builders import load_prompts
+    from flowrl.train.config import load_config
+    from flowrl.train.trainer import advantages_from_rewards, prompt_indices
+
+    iters = 4
+    cfg = load_config(RECIPE)
+    train_prompts = load_prompts(str(ROOT / cfg.data.train_prompts)).prompts
+    P = cfg.data.prompts_per_iteration
+    draws = [prompt_indices(cfg.run.seed, it, len(train_prompts), P) for it in range(iters)]
+    bad = next(i for i in draws[1][P // 2:] if all(i not in d for d in draws[:1] + draws[2:]))  # rank 1's
     common = ["--set", f"run.iterations={iters}", "--set", "run.dump_advantages=true", "--set",
-              "run.progress=false", "--set", "eval.every=0"]
+              "run.progress=false", "--set", "eval.every=0", "--set", "rewards.modules=[fault_rewards]",
+              "--set", "rewards.components=test_nan:1.0",
+              "--set", "rewards.kwargs=" + json.dumps({"test_nan": {"prompt": train_prompts[bad]}})]
     one, two = tmp_path / "one", tmp_path / "two"
-    res1 = _flowrl("train", str(RECIPE), "--set", f"run.output_dir={one}", *common)
+    res1 = _flowrl("train", str(RECIPE), "--set", f"run.output_dir={one}", *common, env=ENV_FAULTS)
     assert res1.returncode == 0, res1.stderr[-3000:]
 
     args = ["train", str(RECIPE), "--set", f"run.output_dir={two}", *common]
-    proc = subprocess.Popen(_two_processes() + args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_two_processes() + args, cwd=ROOT, env=ENV_FAULTS, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not ((two / "metrics.jsonl").exists() and (two / "metrics.jsonl").read_text().count("\n") >= 1):
@@ -137,12 +151,15 @@ def test_two_processes_match_one(tmp_path):
     ckpt = two / "checkpoints" / f"iter_{stopped:06d}"
     info = json.loads((ckpt / "checkpoint.json").read_text())
     assert info["world_size"] == 2 and {"random_states_0.pkl", "random_states_1.pkl"} <= set(info["files"])
-    res2 = _flowrl(*args, "--resume", "latest", launcher=_two_processes())
+    res2 = _flowrl(*args, "--resume", "latest", launcher=_two_processes(), env=ENV_FAULTS)
     assert res2.returncode == 0, res2.stderr[-3000:]
 
     rows1, rows2 = _metrics(one), _metrics(two)
     assert [r["world_size"] for r in rows1] == [1] * iters
     assert [r["world_size"] for r in rows2] == [2] * iters  # really two processes, metrics written once
+    for rows in (rows1, rows2):
+        assert [(r.get("skipped"), r.get("skipped_prompts")) for r in rows] == [
+            (None, None), ("reward", [bad]), (None, None), (None, None)]
     adv1 = [json.loads(x) for x in (one / "advantages.jsonl").read_text().splitlines()]
     adv2 = [json.loads(x) for x in (two / "advantages.jsonl").read_text().splitlines()]
     assert [(a["iteration"], a["slot"]) for a in adv1] == [(a["iteration"], a["slot"]) for a in adv2]
@@ -150,8 +167,8 @@ def test_two_processes_match_one(tmp_path):
     # (measured 1.2e-7, one ulp); later the weights differ at that level too, hence the looser bound. An
     # advantage (r - mean) / std moves by at most (2 + |A|) max|dr| / std: the bound checked, with 10% slack
     # (measured 1.3e-4 to 1.7e-4 against a reward std of 7e-4)
-    for it in range(iters):
-        r1, r2, a1, a2 = (torch.tensor([a[k] if k == "advantage" else a[k]["brightness"]
+    for it in (0, 2, 3):
+        r1, r2, a1, a2 = (torch.tensor([a[k] if k == "advantage" else a[k]["test_nan"]
                                         for a in adv if a["iteration"] == it], dtype=torch.float64)
                           for adv, k in ((adv1, "rewards"), (adv2, "rewards"), (adv1, "advantage"),
                                          (adv2, "advantage")))
@@ -160,15 +177,11 @@ def test_two_processes_match_one(tmp_path):
         bound = 1.1 * (2 + float(a1.abs().max())) * dr / float(r1.std(correction=0)) + 1e-6
         assert float((a1 - a2).abs().max()) <= bound, (it, float((a1 - a2).abs().max()), bound)
     # for the same rollouts (the 2-process rewards), single-process advantage code gives the same advantages
-    from flowrl.train.config import load_config
-    from flowrl.train.trainer import advantages_from_rewards
-
-    cfg = load_config(RECIPE)
-    for it in range(iters):
+    for it in (0, 2, 3):
         rows = [a for a in adv2 if a["iteration"] == it]
-        comps = {"brightness": torch.tensor([a["rewards"]["brightness"] for a in rows])}
+        comps = {"test_nan": torch.tensor([a["rewards"]["test_nan"] for a in rows])}
         slots = torch.tensor([a["slot"] for a in rows])
-        ref = advantages_from_rewards(comps, slots, {"brightness": 1.0}, cfg)
+        ref = advantages_from_rewards(comps, slots, {"test_nan": 1.0}, cfg)
         assert torch.equal(ref, torch.tensor([a["advantage"] for a in rows], dtype=ref.dtype))
     w1 = load_file(one / "lora" / "pytorch_lora_weights.safetensors")
     w2 = load_file(two / "lora" / "pytorch_lora_weights.safetensors")
