@@ -156,19 +156,26 @@ def test_everything_registered_comes_back_on_resume(tmp_path, mode):
     extra = ["advantages.per_prompt_tracker=true", "training.warmup_iterations=3", "run.iterations=4",
              f"finetune.mode={mode}", "training.lr=1e-3"]
     tr = trainer(tmp_path, *extra)
-    for it in range(2):
+
+    def step(it):
         tr.state.iteration = it + 1
         tr.rows.append(tr.iteration(it))
         with open(tr.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(tr.rows[-1]) + "\n")
+
+    step(0)
+    step(1)
     path = tr._save_checkpoint(2, None)
     expected = {**snapshot(tr), "tracker": tr.tracker.state_dict(), "state": tr.state.state_dict(),
                 "rng": torch.get_rng_state()}
     assert expected["tracker"]["history"] and expected["lr_steps"] == 2
+    step(2)  # a later checkpoint and metrics row, which resuming from the earlier checkpoint discards
+    later = tr._save_checkpoint(3, None)
     torch.rand(5)  # move the global generator on: the resume must put it back
 
-    again = trainer(tmp_path, *extra, resume="latest")
-    assert again.resume_from == path
+    again = trainer(tmp_path, *extra, resume=str(path))
+    assert again.resume_from == path and not later.exists()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     got = {**snapshot(again), "tracker": again.tracker.state_dict(), "state": again.state.state_dict(),
            "rng": torch.get_rng_state()}
     assert same(got, expected) and got["tracker"] == expected["tracker"] and got["state"] == expected["state"]

@@ -224,22 +224,32 @@ class Trainer:
         if self.state.iteration != saved["iteration"]:
             raise ConfigError(f"--resume: {self.resume_from} holds loop state for iteration {self.state.iteration}, "
                               f"its marker says {saved['iteration']}")
+        problem = None
         if acc.is_main_process:
-            for name in LOGS:  # rows written after the checkpoint are recomputed, never duplicated
-                path = self.run_dir / name
-                if name in self.state.log_bytes:
-                    checkpoint.truncate_log(path, self.state.log_bytes[name])
-                elif path.exists():
-                    path.unlink()
-            self.rows = read_rows(self.run_dir / "metrics.jsonl")
-            if [r["iteration"] for r in self.rows] != list(range(self.state.iteration)):
-                raise ConfigError(f"--resume: {self.run_dir / 'metrics.jsonl'} does not hold one row per iteration "
-                                  f"0..{self.state.iteration - 1}")
-            for it, path in checkpoint.scan(self.run_dir / "checkpoints")[0]:
-                if it > self.state.iteration:  # a later history than the one about to be recomputed
-                    print(f"flowrl: removing {path.name}, newer than the checkpoint resumed from")
-                    checkpoint.remove(path)
-        acc.wait_for_everyone()
+            try:
+                self._rewind_run_folder()
+            except ConfigError as e:
+                problem = e
+        if self._any_process(problem is not None):  # every process fails, none waits for the main one forever
+            raise problem or ConfigError("--resume: the main process could not rewind the run folder")
+
+    def _rewind_run_folder(self):
+        """Back to the checkpoint: logs cut to their length then (rows after it are recomputed, never
+        duplicated), checkpoints of a later history removed."""
+        for name in LOGS:
+            path = self.run_dir / name
+            if name in self.state.log_bytes:
+                checkpoint.truncate_log(path, self.state.log_bytes[name])
+            elif path.exists():
+                path.unlink()
+        self.rows = read_rows(self.run_dir / "metrics.jsonl")
+        if [r["iteration"] for r in self.rows] != list(range(self.state.iteration)):
+            raise ConfigError(f"--resume: {self.run_dir / 'metrics.jsonl'} does not hold one row per iteration "
+                              f"0..{self.state.iteration - 1}")
+        for it, path in checkpoint.scan(self.run_dir / "checkpoints")[0]:
+            if it > self.state.iteration:
+                print(f"flowrl: removing {path.name}, newer than the checkpoint resumed from")
+                checkpoint.remove(path)
 
     @contextlib.contextmanager
     def _training_forward(self):
