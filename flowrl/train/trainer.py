@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -175,7 +175,9 @@ class Trainer:
         for obj in (self.lr_scheduler, self.state, self.ema, self.tracker):
             if obj is not None:
                 self.acc.register_for_checkpointing(obj)
-        if cfg.finetune.mode == "lora":
+        # sharded engines (DeepSpeed, FSDP) keep accelerate's own model files, which know the shards
+        if cfg.finetune.mode == "lora" and self.acc.distributed_type not in (DistributedType.DEEPSPEED,
+                                                                             DistributedType.FSDP):
             self.acc.register_save_state_pre_hook(self._save_lora_hook)
             self.acc.register_load_state_pre_hook(self._load_lora_hook)
 
