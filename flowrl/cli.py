@@ -15,14 +15,27 @@ def _train(args) -> None:
     from flowrl.train.config import load_config
 
     cfg = load_config(args.config, args.set)
+    resume = None
+    if args.resume:
+        from flowrl.train.checkpoint import prepare_resume
+
+        resume = prepare_resume(cfg, args.resume)
     from flowrl.train.trainer import Trainer  # heavy imports only after the config is known to be good
 
-    trainer = Trainer(cfg)
-    trainer.train()
-    if trainer.acc.is_main_process:
-        out = "lora" if cfg.finetune.mode == "lora" else "model"
-        print(f"flowrl: finished {cfg.run.iterations} iterations; run folder {cfg.run.output_dir} ({out}/, "
-              "metrics.jsonl, samples/)")
+    trainer = Trainer(cfg, resume=resume)
+    stopped = trainer.train()
+    if not trainer.acc.is_main_process:
+        return
+    if stopped:
+        it = trainer.state.iteration
+        same = " (with the same --set options)" if args.set else ""
+        print(f"flowrl: stopped by {stopped} after {it} of {cfg.run.iterations} iterations; checkpoint "
+              f"{trainer.stopped[1]}\nflowrl: continue with: flowrl train {args.config} --resume "
+              f"{cfg.run.output_dir}{same}")
+        return
+    out = "lora" if cfg.finetune.mode == "lora" else "model"
+    print(f"flowrl: finished {cfg.run.iterations} iterations; run folder {cfg.run.output_dir} ({out}/, "
+          "metrics.jsonl, samples/, checkpoints/)")
 
 
 def _load_policy(args):
@@ -169,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with a YAML recipe")
     t.add_argument("config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--resume", default=None, metavar="latest|RUN_DIR|CHECKPOINT",
+                   help="continue a run from a checkpoint: 'latest' is the newest complete checkpoint in "
+                        "run.output_dir (complete: RUN/checkpoints/iter_N/checkpoint.json exists and every file it "
+                        "lists has the recorded size; others are skipped), RUN_DIR the same in that run folder, "
+                        "RUN_DIR/checkpoints/iter_N exactly that one. Weights, optimizer, LR schedule, EMA, "
+                        "random states and metrics.jsonl continue where the checkpoint left them; only run.iterations "
+                        "(to extend), checkpoint / logging / eval cadence and reward retry settings may change")
     t.set_defaults(fn=_train)
     s = sub.add_parser("sample", help="sample images from a pipeline (+ optional LoRA)")
     _common(s)
@@ -188,6 +208,7 @@ def main(argv=None) -> int:
         print("flowrl: error: give --prompt or --prompts", file=sys.stderr)
         return 2
     from flowrl.train.config import ConfigError
+    from flowrl.train.guards import TrainingError
 
     try:
         args.fn(args)
@@ -196,6 +217,11 @@ def main(argv=None) -> int:
             raise
         print(f"flowrl: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:  # the run started and cannot go on; its last checkpoint is intact
+        if os.environ.get("FLOWRL_TRACEBACK"):
+            raise
+        print(f"flowrl: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,7 +28,8 @@ class RunConfig:
     seed: int = 0
     iterations: int = 10
     mixed_precision: str = "no"          # accelerate: no | fp16 | bf16
-    save_every: int = 0                  # iterations between checkpoints; 0: only at the end
+    save_every: int = 0                  # iterations between checkpoints; 0: only at the end (and on a stop signal)
+    keep_checkpoints: int = 2            # newest complete checkpoints kept, plus the best by eval score; 0: all
     log_samples_every: int = 0           # iterations between training sample grids; 0: never
     progress: bool = True
     dump_advantages: bool = False        # write advantages.jsonl (per sample: prompt id, rewards, advantage)
@@ -80,6 +81,10 @@ class RewardConfig:
     components: Any = "brightness:1.0"   # "name:w,name:w", a list, or {name: weight}
     kwargs: dict = field(default_factory=dict)  # per reward name: constructor arguments
     combine: str = "sum_then_normalize"  # or normalize_then_sum
+    modules: list[str] = field(default_factory=list)  # Python modules imported first (they register rewards)
+    retries: int = 2                     # retries of a reward call that raises or times out, then the run fails
+    retry_backoff: float = 2.0           # seconds before the first retry, doubled for each further one
+    timeout: float | None = None         # seconds a reward call may take (None: no limit)
 
 
 @dataclass
@@ -106,6 +111,8 @@ class TrainingConfig:
     kl_beta: float = 0.0                 # closed-form Gaussian KL to the base weights (adapter off)
     timestep_fraction: float = 1.0       # fraction of each trajectory's stochastic steps trained (DanceGRPO)
     log_prob_reduction: str = "mean"
+    max_consecutive_skips: int = 3       # iterations in a row skipped for a non-finite reward / advantage / loss /
+                                         # gradient before the run stops (with a checkpoint of the last good state)
 
 
 @dataclass

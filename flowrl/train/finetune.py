@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 
 # Attention projections of the joint (image + text) blocks, the modules the published recipes adapt.
 _JOINT_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -23,6 +24,7 @@ DEFAULT_TARGETS = {
     "sd": ["to_q", "to_k", "to_v", "to_out.0"],          # DDPO: UNet attention
 }
 COMPONENT = {"sd3": "transformer", "flux": "transformer", "sd": "unet"}
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a saved LoRA
 
 
 def add_lora(denoiser, family: str, rank: int, alpha: float | None, targets: list[str] | None,
@@ -66,6 +68,22 @@ def save_lora(pipe, denoiser, family: str, config: LoraConfig, out_dir: Path) ->
     type(pipe).save_lora_weights(str(out_dir), **{f"{comp}_lora_layers": state,
                                                   f"{comp}_lora_adapter_metadata": meta})
     return out_dir
+
+
+def load_lora(denoiser, family: str, folder: Path) -> None:
+    """Put a LoRA written by ``save_lora`` back into the adapter ``add_lora`` made, bit for bit (a checkpoint's
+    weights; ``pipe.load_lora_weights`` would add a second adapter instead)."""
+    prefix = f"{COMPONENT[family]}."
+    saved = load_file(folder / LORA_FILE)
+    state = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+    if len(state) != len(saved):
+        raise ValueError(f"{folder / LORA_FILE}: keys outside {prefix!r}, not a {family} LoRA from flowrl")
+    expected = get_peft_model_state_dict(denoiser)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"{folder / LORA_FILE} does not fit the adapter: missing {missing[:3]}, unexpected "
+                         f"{extra[:3]}")
+    set_peft_model_state_dict(denoiser, state)
 
 
 def save_full(pipe, out_dir: Path) -> Path:

@@ -24,3 +24,10 @@ def save_grid(images: torch.Tensor, path: str | Path, cols: int = 8) -> Path:
     Image.fromarray(canvas).save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def load_grid(path: str | Path, n: int) -> torch.Tensor:
+    """The ``n`` images of a one-row grid written by ``save_grid(images, path, cols=n)``, (n, 3, H, W) in [0, 1]
+    (exactly what the grid stores: 8-bit pixels)."""
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    return torch.stack(pixels.chunk(n, dim=2))

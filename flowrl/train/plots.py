@@ -13,12 +13,13 @@ def reward_curve(rows: list[dict], path: str | Path) -> Path:
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    its = [r["iteration"] for r in rows]
     comps = sorted({k[len("reward/"):-len("_mean")] for r in rows for k in r
                     if k.startswith("reward/") and k.endswith("_mean")})
     for name in comps:
-        mean = [r[f"reward/{name}_mean"] for r in rows]
-        std = [r.get(f"reward/{name}_std", 0.0) for r in rows]
+        scored = [r for r in rows if f"reward/{name}_mean" in r]  # an iteration skipped for a NaN reward has none
+        its = [r["iteration"] for r in scored]
+        mean = [r[f"reward/{name}_mean"] for r in scored]
+        std = [r.get(f"reward/{name}_std", 0.0) for r in scored]
         line, = ax.plot(its, mean, label=f"train {name}")
         ax.fill_between(its, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.15)

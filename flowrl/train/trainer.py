@@ -9,25 +9,34 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 import rewards as rewards_lib
-from flowrl.core import clipped_surrogate, combine_rewards, group_ids, kl_gaussian_mean
+from flowrl.core import (
+    PerPromptStatTracker,
+    clipped_surrogate,
+    combine_rewards,
+    group_ids,
+    kl_gaussian_mean,
+)
 from flowrl.models import FAMILY_OF_PIPELINE, load_pipeline, policy_from_pipeline
 from flowrl.sampling import Constant, Flat, rollout, score_edges
 from flowrl.sampling.seeding import derive_seed
-from flowrl.train import builders, finetune
+from flowrl.train import builders, checkpoint, finetune, guards
+from flowrl.train.checkpoint import LOGS, LoopState
 from flowrl.train.config import Config, ConfigError, to_dict
-from flowrl.train.images import save_grid
+from flowrl.train.images import load_grid, save_grid
 from flowrl.train.plots import reward_curve
 from flowrl.train.units import broadcast_advantages, select_units, shuffle_units
 
@@ -35,6 +44,7 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "lora", "model")
 GRID_IMAGES = 32
 BEFORE_AFTER = 8  # eval prompts in the before / after grid
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+logger = logging.getLogger("flowrl")
 
 
 def check_run_dir(path: Path) -> None:
@@ -63,6 +73,10 @@ def balance_weights(metadata: list[dict], key: str) -> torch.Tensor:
     return torch.tensor([1.0 / counts[v] for v in values], dtype=torch.float64)
 
 
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def advantages_from_rewards(components: dict, slots: torch.Tensor, weights: dict, cfg: Config) -> torch.Tensor:
     """Per-sample advantages of a whole (all-gathered) batch; groups are the prompts' global slots."""
     a = cfg.advantages
@@ -71,10 +85,18 @@ def advantages_from_rewards(components: dict, slots: torch.Tensor, weights: dict
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    """``Trainer(cfg).train()`` runs a recipe; ``Trainer(cfg, resume="latest" | RUN_DIR | CHECKPOINT)`` continues
+    the same experiment from a checkpoint (checkpoint.py says what may change)."""
+
+    def __init__(self, cfg: Config, resume: str | checkpoint.Resume | None = None):
         self.cfg = cfg
+        if isinstance(resume, str):  # checked before anything is built or written
+            resume = checkpoint.prepare_resume(cfg, resume)
+        self.resume_from = resume.path if resume else None
+        saved = resume.info if resume else None
         self.run_dir = Path(cfg.run.output_dir)
-        check_run_dir(self.run_dir)
+        if resume is None:
+            check_run_dir(self.run_dir)
         self.family = builders.model_family(cfg.model.path)
         self.train_set = builders.load_prompts(cfg.data.train_prompts)
         self.eval_set = builders.load_prompts(cfg.data.eval_prompts, "data.eval_prompts") if cfg.data.eval_prompts else None
@@ -95,11 +117,24 @@ class Trainer:
         if cfg.data.prompts_per_iteration % W:
             raise ConfigError(f"data.prompts_per_iteration ({cfg.data.prompts_per_iteration}) must divide by the "
                               f"number of processes ({W}): every process takes whole prompt groups")
+        if saved is not None and saved["world_size"] != W:
+            raise ConfigError(f"--resume: {self.resume_from} was written by {saved['world_size']} process(es), "
+                              f"this run has {W}: each process's random state is in the checkpoint, so the "
+                              "number must stay")
         if self.acc.is_main_process:
+            for note in resume.notes if resume else []:
+                print(f"flowrl: {note}")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.acc.init_trackers("tb")
+        # a resumed run's TensorBoard hides the events a crash left beyond the checkpoint
+        start = saved["iteration"] if saved else 0
+        self.acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": start}} if saved else None)
+        self.state = LoopState()
+        self.rows: list[dict] = []
+        self.stopped: tuple[str, Path] | None = None  # (signal, checkpoint) when a stop signal ended train()
         self._build_model()
+        if self.resume_from is not None:
+            self._load_checkpoint(saved)
 
     # ------------------------------------------------------------------------------------------ model
     def _build_model(self):
@@ -134,6 +169,89 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(denoiser, optimizer)
         self.lr_scheduler = scheduler
         self.ema = EMAModel(self.params, decay=cfg.finetune.ema_decay) if cfg.finetune.ema_decay > 0 else None
+        a = cfg.advantages
+        self.tracker = PerPromptStatTracker(std=a.std, eps=a.eps, clip=a.clip) if a.per_prompt_tracker else None
+        # everything else a checkpoint must restore, in a fixed order (accelerate numbers the files by it)
+        for obj in (self.lr_scheduler, self.state, self.ema, self.tracker):
+            if obj is not None:
+                self.acc.register_for_checkpointing(obj)
+        # sharded engines (DeepSpeed, FSDP) keep accelerate's own model files, which know the shards
+        if cfg.finetune.mode == "lora" and self.acc.distributed_type not in (DistributedType.DEEPSPEED,
+                                                                             DistributedType.FSDP):
+            self.acc.register_save_state_pre_hook(self._save_lora_hook)
+            self.acc.register_load_state_pre_hook(self._load_lora_hook)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _save_lora_hook(self, models, weights, output_dir):
+        """LoRA checkpoints hold the adapter (a diffusers LoRA file, loadable on its own), not the frozen base."""
+        weights.clear()
+        if self.acc.is_main_process:
+            finetune.save_lora(self.pipe, self.acc.unwrap_model(self.model), self.family, self.lora_config,
+                               Path(output_dir))
+
+    def _load_lora_hook(self, models, input_dir):
+        models.clear()  # accelerate would look for the full model's weights
+        finetune.load_lora(self.acc.unwrap_model(self.model), self.family, Path(input_dir))
+
+    def _save_checkpoint(self, iteration: int, eval_score: float | None) -> Path:
+        """Write ``checkpoints/iter_NNNNNN`` atomically (checkpoint.py), then prune old ones. Collective."""
+        acc, root = self.acc, self.run_dir / "checkpoints"
+        final = root / checkpoint.checkpoint_name(iteration)
+        tmp = root / f".tmp-{final.name}"
+        if acc.is_main_process:
+            self.state.log_bytes = {}
+            for name in LOGS:  # the logs' lengths now: a resume cuts them back to these
+                if (self.run_dir / name).exists():
+                    with open(self.run_dir / name, "ab") as f:
+                        os.fsync(f.fileno())
+                    self.state.log_bytes[name] = (self.run_dir / name).stat().st_size
+            checkpoint.remove(tmp)
+            root.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            checkpoint.seal(tmp, {"iteration": iteration, "world_size": acc.num_processes, "eval_score": eval_score,
+                                  "config": to_dict(self.cfg), "data": checkpoint.data_digests(self.cfg)})
+            checkpoint.publish(tmp, final)
+            checkpoint.prune(root, self.cfg.run.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, saved: dict):
+        acc = self.acc
+        acc.load_state(str(self.resume_from))
+        if self.ema is not None:
+            self.ema.to(acc.device)  # accelerate loads registered objects onto the CPU
+        if self.state.iteration != saved["iteration"]:
+            raise ConfigError(f"--resume: {self.resume_from} holds loop state for iteration {self.state.iteration}, "
+                              f"its marker says {saved['iteration']}")
+        problem = None
+        if acc.is_main_process:
+            try:
+                self._rewind_run_folder()
+            except ConfigError as e:
+                problem = e
+        if self._any_process(problem is not None):  # every process fails, none waits for the main one forever
+            raise problem or ConfigError("--resume: the main process could not rewind the run folder")
+
+    def _rewind_run_folder(self):
+        """Back to the checkpoint: logs cut to their length then (rows after it are recomputed, never
+        duplicated), checkpoints of a later history removed."""
+        for name in LOGS:
+            path = self.run_dir / name
+            if name in self.state.log_bytes:
+                checkpoint.truncate_log(path, self.state.log_bytes[name])
+            elif path.exists():
+                path.unlink()
+        self.rows = read_rows(self.run_dir / "metrics.jsonl")
+        if [r["iteration"] for r in self.rows] != list(range(self.state.iteration)):
+            raise ConfigError(f"--resume: {self.run_dir / 'metrics.jsonl'} does not hold one row per iteration "
+                              f"0..{self.state.iteration - 1}")
+        for it, path in checkpoint.scan(self.run_dir / "checkpoints")[0]:
+            if it > self.state.iteration:
+                print(f"flowrl: removing {path.name}, newer than the checkpoint resumed from")
+                checkpoint.remove(path)
 
     @contextlib.contextmanager
     def _training_forward(self):
@@ -159,37 +277,115 @@ class Trainer:
                            ode_solver=c.sampling.ode_solver, reduction=c.training.log_prob_reduction,
                            max_batch=c.sampling.max_batch)
 
-    def _advantages(self, scores: dict, slots: torch.Tensor):
-        """Advantages for the local leaves, computed on the all-gathered batch (so identical for any sharding)."""
+    def _advantages(self, scores: dict, slots: torch.Tensor, idx: list[int]):
+        """Advantages for the local leaves, computed on the all-gathered batch (so identical for any sharding).
+        With the per-prompt tracker, each prompt's reward history (keyed by its index in the prompt file) sets
+        its baseline; every process updates its own identical copy."""
         mains = self.reward.main_scores(scores)
         gathered = {k: self.acc.gather(v.to(self.acc.device)).cpu() for k, v in mains.items()}
         all_slots = self.acc.gather(slots.to(self.acc.device)).cpu()
-        adv = advantages_from_rewards(gathered, all_slots, self.reward.weights, self.cfg)
+        if self.tracker is not None:
+            w = self.reward.weights
+            total = sum(w[n] * gathered[n].to(torch.float64) for n in sorted(gathered))
+            adv = self.tracker.update([idx[s] for s in all_slots.tolist()], total).to(torch.float32)
+        else:
+            adv = advantages_from_rewards(gathered, all_slots, self.reward.weights, self.cfg)
         n = len(slots)
         rank = self.acc.process_index
         return adv[rank * n:(rank + 1) * n], gathered, all_slots, adv
 
+    def _score(self, images, prompts, meta, sample_prompts: list[int], groups: torch.Tensor):
+        """Every reward component, retried on errors (guards.score_with_retries). Returns the scores, or None
+        and the prompt ids (indices in the prompt file) of non-finite samples on any process. A reward that
+        keeps failing ends the run on every process (TrainingError). Collective."""
+        r = self.cfg.rewards
+        scores, status, bad, failure = {}, 0, [], None
+        try:
+            for reward in self.reward.rewards.values():
+                scores.update(guards.score_with_retries(reward, images, prompts, meta, groups, r.retries,
+                                                        r.retry_backoff, r.timeout, self._warn))
+        except guards.NonFiniteReward as e:
+            status, bad = 1, [sample_prompts[i] for i in e.indices]
+            self._warn(str(e))
+        except guards.TrainingError as e:
+            status, failure = 2, e
+        statuses = self.acc.gather(torch.tensor([status], device=self.acc.device)).cpu()
+        if int(statuses.max()) == 2:
+            if failure is not None:
+                raise failure
+            raise guards.TrainingError(f"a reward failed on process {int(torch.argmax(statuses))} (its error is "
+                                       "above)")
+        if int(statuses.max()) == 1:
+            return None, sorted(set(gather_object(bad)))
+        return scores, None
+
+    def _any_process(self, flag: bool) -> bool:
+        return bool(self.acc.gather(torch.tensor([int(flag)], device=self.acc.device)).max())
+
+    def _warn(self, message: str):
+        who = f"[process {self.acc.process_index}] " if self.acc.num_processes > 1 else ""
+        logger.warning(f"flowrl: {who}{message}")
+
     # ------------------------------------------------------------------------------------------ loop
-    def train(self):
-        c = self.cfg
-        bar = tqdm(range(c.run.iterations), desc="flowrl train", disable=not (c.run.progress and self.acc.is_main_process))
-        self.rows: list[dict] = []
+    def train(self) -> str | None:
+        """Iterations from the loop state's to run.iterations, a checkpoint every run.save_every and at the end.
+        A stop signal ends the run after the iteration in progress, with a checkpoint: returns its name then."""
+        c, acc = self.cfg, self.acc
+        start = self.state.iteration
+        bar = tqdm(range(start, c.run.iterations), initial=start, total=c.run.iterations, desc="flowrl train",
+                   disable=not (c.run.progress and acc.is_main_process))
         self._before = None
-        if self.eval_set is not None and self.acc.is_main_process:
-            self._before = self._eval_images(list(range(min(BEFORE_AFTER, len(self.eval_set)))))
-        for it in bar:
-            row = self.iteration(it)
-            if c.eval.every and self.eval_set is not None and ((it + 1) % c.eval.every == 0 or it + 1 == c.run.iterations):
-                row.update(self.evaluate(it))
-            self.rows.append(row)
-            if self.acc.is_main_process:
-                with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.set_postfix(reward=f"{row['reward/mean']:.4f}", loss=f"{row['loss']:.2e}")
-            self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=it)
-            if c.run.save_every and (it + 1) % c.run.save_every == 0 and it + 1 < c.run.iterations:
-                self.acc.save_state(str(self.run_dir / "checkpoints" / f"iter_{it + 1:06d}"))
+        if self.eval_set is not None and acc.is_main_process:
+            before = self.run_dir / "samples" / "before.png"
+            n = min(BEFORE_AFTER, len(self.eval_set))
+            if start == 0:
+                self._before = self._eval_images(list(range(n)))
+                save_grid(self._before, before, cols=n)
+            elif before.is_file():
+                self._before = load_grid(before, n)
+        stop = guards.StopSignal().install()
+        try:
+            for it in bar:
+                row = self.iteration(it)
+                if c.eval.every and self.eval_set is not None and ((it + 1) % c.eval.every == 0
+                                                                   or it + 1 == c.run.iterations):
+                    row.update(self.evaluate(it))
+                self.rows.append(row)
+                if acc.is_main_process:
+                    with open(self.run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if "loss" in row:
+                        bar.set_postfix(reward=f"{row['reward/mean']:.4f}", loss=f"{row['loss']:.2e}")
+                acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=it)
+                self.state.iteration = it + 1
+                stopping = self._any_process(stop.received is not None)  # every process stops at the same one
+                failing = self.state.consecutive_skips >= c.training.max_consecutive_skips
+                if (stopping or failing or it + 1 == c.run.iterations
+                        or (c.run.save_every and (it + 1) % c.run.save_every == 0)):
+                    saved = self._save_checkpoint(it + 1, self._eval_score(row))
+                if failing:
+                    raise guards.TrainingError(
+                        f"{self.state.consecutive_skips} iterations in a row skipped for non-finite values (the "
+                        f"last: {row['skipped']}, prompt ids {row['skipped_prompts']}); the weights of the last "
+                        f"good update are in {saved}")
+                if stopping:
+                    self.stopped = (stop.received or "a stop signal to another process", saved)
+                    acc.wait_for_everyone()
+                    if acc.is_main_process:
+                        reward_curve(self.rows, self.run_dir / "reward_curve.png")
+                    acc.end_training()
+                    return self.stopped[0]
+        finally:
+            stop.uninstall()
         self.finish()
+        return None
+
+    def _eval_score(self, row: dict) -> float | None:
+        """The reward-weighted eval score of the row's iteration, if it ran an eval (picks the best checkpoint)."""
+        keys = {n: f"eval/{n}_mean" for n in self.reward.weights}
+        if not all(k in row for k in keys.values()):
+            return None
+        return sum(w * row[keys[n]] for n, w in self.reward.weights.items())
 
     def iteration(self, it: int) -> dict:
         c, acc = self.cfg, self.acc
@@ -199,52 +395,83 @@ class Trainer:
         local = list(range(rank * P // W, (rank + 1) * P // W))  # global slots of this process
         prompts = [self.train_set.prompts[idx[s]] for s in local]
         meta = [self.train_set.metadata[idx[s]] for s in local]
+        prompt_ids = [idx[s] for s in local]  # each local prompt's index in the prompt file
 
         t0 = time.perf_counter()
         forest = self._rollout(prompts, local, it)
         t_rollout = time.perf_counter() - t0
         leaves = forest.leaves()
-        leaf_prompt = forest.node_prompt[leaves]
+        leaf_prompt = forest.node_prompt[leaves].tolist()
         slots = torch.tensor([local[p] for p in leaf_prompt])
         with torch.no_grad():
             images = self._decode(forest.latents[leaves])
             # groups: pairwise rewards (Pref-GRPO) compare the samples of one prompt, all on this process
-            scores = self.reward(images, [prompts[p] for p in leaf_prompt], [meta[p] for p in leaf_prompt],
-                                 groups=slots)
-        leaf_adv, gathered, all_slots, all_adv = self._advantages(scores, slots)
-        t_reward = time.perf_counter() - t0 - t_rollout
-        if c.run.dump_advantages and acc.is_main_process:
-            self._dump_advantages(it, gathered, all_slots, all_adv)
-        if c.run.log_samples_every and (it + 1) % c.run.log_samples_every == 0 and acc.is_main_process:
-            save_grid(images[:GRID_IMAGES], self.run_dir / "samples" / f"train_{it:06d}.png")
-
-        stats = self._optimize(forest, broadcast_advantages(forest, leaf_adv), it)
-        t_train = time.perf_counter() - t0 - t_rollout - t_reward
-
+            scores, bad = self._score(images, [prompts[p] for p in leaf_prompt], [meta[p] for p in leaf_prompt],
+                                      [prompt_ids[p] for p in leaf_prompt], groups=slots)
         row = {"iteration": it, "world_size": acc.num_processes}
+        if scores is None:
+            return self._skipped(row, "reward", bad, forest, t0, t_rollout)
+        leaf_adv, gathered, all_slots, all_adv = self._advantages(scores, slots, idx)
+        t_reward = time.perf_counter() - t0 - t_rollout
         for k, v in gathered.items():
             row[f"reward/{k}_mean"], row[f"reward/{k}_std"] = float(v.mean()), float(v.std())
         for k, v in scores.items():  # extras (e.g. geneval/correct): logged, never in the advantage
             if k not in gathered:
                 row[f"reward/{k}_mean"] = float(acc.gather(v.to(acc.device)).mean())
         row["reward/mean"] = float(self.reward.weighted_sum(gathered).mean())
+        if not bool(torch.isfinite(all_adv).all()):  # the same verdict on every process: the batch is gathered
+            bad = sorted({idx[int(s)] for s in all_slots[~torch.isfinite(all_adv)]})
+            return self._skipped(row, "advantage", bad, forest, t0, t_rollout)
+        if c.run.dump_advantages and acc.is_main_process:
+            self._dump_advantages(it, gathered, all_slots, all_adv)
+        if c.run.log_samples_every and (it + 1) % c.run.log_samples_every == 0 and acc.is_main_process:
+            save_grid(images[:GRID_IMAGES], self.run_dir / "samples" / f"train_{it:06d}.png")
+
+        stats, skip = self._optimize(forest, broadcast_advantages(forest, leaf_adv), it, prompt_ids)
+        t_train = time.perf_counter() - t0 - t_rollout - t_reward
+
         row.update({"adv/mean": float(all_adv.mean()), "adv/std": float(all_adv.std()),
                     "adv/abs_mean": float(all_adv.abs().mean()),
                     "adv/zero_groups": int(sum(float(all_adv[all_slots == s].abs().max()) == 0
                                                for s in all_slots.unique()))})
         row.update(stats)
-        row.update({"lr": self.lr_scheduler.get_last_lr()[0], "time/rollout": t_rollout, "time/reward": t_reward,
-                    "time/train": t_train,
-                    "nfe": int(acc.gather(torch.tensor([forest.forward_passes], device=acc.device)).sum())})
+        row.update({"time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train})
+        if skip is not None:
+            return self._skipped(row, *skip, forest, t0, t_rollout)
+        self.state.consecutive_skips = 0
+        row.update({"lr": self.lr_scheduler.get_last_lr()[0], "skips": self.state.skips, "nfe": self._nfe(forest)})
         return row
 
-    def _optimize(self, forest, edge_adv, it):
+    def _skipped(self, row, reason: str, prompt_ids: list[int], forest, t0, t_rollout) -> dict:
+        """A row for an iteration whose update was skipped (non-finite reward / advantage / loss / gradient);
+        nothing of it reached the weights, the optimizer, the LR schedule or the EMA."""
+        self.state.skips += 1
+        self.state.consecutive_skips += 1
+        where = f"prompt ids {prompt_ids}" if prompt_ids else "not attributable to a prompt"
+        if self.acc.is_main_process:  # a collective decision: said once
+            logger.warning(f"flowrl: iteration {row['iteration']}: non-finite {reason} ({where}); update skipped "
+                           f"({self.state.consecutive_skips} in a row, the run stops at "
+                           f"{self.cfg.training.max_consecutive_skips})")
+        row.update({"skipped": reason, "skipped_prompts": prompt_ids, "skips": self.state.skips,
+                    "lr": self.lr_scheduler.get_last_lr()[0], "nfe": self._nfe(forest)})
+        row.setdefault("time/rollout", t_rollout)
+        row.setdefault("time/train", time.perf_counter() - t0 - t_rollout)
+        return row
+
+    def _nfe(self, forest) -> int:
+        return int(self.acc.gather(torch.tensor([forest.forward_passes], device=self.acc.device)).sum())
+
+    def _optimize(self, forest, edge_adv, it, prompt_ids):
+        """Inner epochs x updates of micro-batches. An update whose loss (on any process) or gradient is
+        non-finite is not applied, and the iteration's remaining updates are dropped: returns the stats of the
+        applied updates and None, or ("loss" | "gradient", prompt ids) for the skip."""
         c, acc = self.cfg, self.acc
         t = c.training
         units = select_units(forest, t.timestep_fraction, c.run.seed, it)
         counts = acc.gather(torch.tensor([len(units)], device=acc.device))
         if bool((counts != counts[0]).any()):
             raise RuntimeError(f"processes hold different numbers of training units {counts.tolist()}")
+        unit_prompt = forest.node_prompt[forest.src]  # local prompt position of every edge
         logs: dict[str, list] = {}
         # the model stays in eval mode: dropout would make the recomputed log-prob differ from the rollout's
         with self._training_forward():
@@ -252,6 +479,8 @@ class Trainer:
                 order = shuffle_units(units, c.run.seed, it, epoch, acc.process_index)
                 for update in torch.tensor_split(order, t.updates_per_epoch):
                     batches = list(torch.split(update, t.micro_batch_size))
+                    step_logs: dict[str, list] = {}
+                    bad_units = []
                     for j, mb in enumerate(batches):
                         sync = contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(self.model)
                         with sync, acc.autocast():
@@ -259,19 +488,31 @@ class Trainer:
                             # global denominator: the sum over micro-batches (and the DDP mean over processes
                             # with equal unit counts) is the mean over every unit of the update
                             acc.backward(loss.sum() / len(update))
+                        bad_units += mb[~torch.isfinite(loss.detach().cpu())].tolist()
                         for k, v in s.items():
-                            logs.setdefault(k, []).append(v.detach().float().reshape(-1))
+                            step_logs.setdefault(k, []).append(v.detach().float().reshape(-1))
                     grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+                    finite = (bool(torch.isfinite(grad_norm)) if grad_norm is not None
+                              else guards.grads_finite(self.params))
+                    if self._any_process(bool(bad_units) or not finite):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        ids = sorted(set(gather_object([prompt_ids[int(unit_prompt[u])] for u in bad_units])))
+                        return self._reduce_logs(logs), ("loss" if ids else "gradient", ids)
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.ema is not None:
                         self.ema.step(self.params)
-                    logs.setdefault("grad_norm", []).append(
-                        torch.tensor([float(grad_norm) if grad_norm is not None else float("nan")]))
+                    norm = float(grad_norm) if grad_norm is not None else float("nan")
+                    step_logs["grad_norm"] = [torch.tensor([norm])]
+                    for k, v in step_logs.items():
+                        logs.setdefault(k, []).extend(v)
+        return self._reduce_logs(logs), None
+
+    def _reduce_logs(self, logs: dict) -> dict:
         out = {}
         for k, v in logs.items():
-            vals = acc.gather(torch.cat(v).to(acc.device)).cpu()
+            vals = self.acc.gather(torch.cat(v).to(self.acc.device)).cpu()
             out[k] = float(vals.min() if k == "ratio_min" else vals.max() if k == "ratio_max" else vals.mean())
         return out
 
@@ -324,8 +565,11 @@ class Trainer:
         mine = list(range(acc.process_index, n, acc.num_processes))
         images = self._eval_images(mine)
         # one sample per prompt, so one group each (a pairwise reward scores 1/2 here: nothing to compare)
-        scores = self.reward(images, [self.eval_set.prompts[i] for i in mine],
-                             [self.eval_set.metadata[i] for i in mine], groups=torch.arange(len(mine)))
+        scores, bad = self._score(images, [self.eval_set.prompts[i] for i in mine],
+                                  [self.eval_set.metadata[i] for i in mine], mine, groups=torch.arange(len(mine)))
+        if scores is None:
+            self._warn(f"iteration {it}: eval scores are non-finite for eval prompt ids {bad}; no eval row")
+            return {}
         row = {}
         for k, v in self.reward.main_scores(scores).items():
             row[f"eval/{k}_mean"] = float(acc.gather_for_metrics(v.to(acc.device)).mean())

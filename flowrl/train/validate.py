@@ -2,6 +2,8 @@
 raises one ConfigError naming the key."""
 from __future__ import annotations
 
+import importlib
+
 from flowrl.train import builders
 from flowrl.train.config import Config, ConfigError
 
@@ -16,11 +18,12 @@ CHOICES = {
 }
 POSITIVE = ("run.iterations", "sampling.num_steps", "data.prompts_per_iteration", "training.lr",
             "training.inner_epochs", "training.updates_per_epoch", "training.micro_batch_size",
-            "training.clip_eps_low", "finetune.lora_rank",
+            "training.clip_eps_low", "finetune.lora_rank", "training.max_consecutive_skips",
             "eval.num_prompts")
 NON_NEGATIVE = ("run.save_every", "run.log_samples_every", "eval.every", "training.kl_beta",
                 "training.weight_decay", "training.max_grad_norm", "training.warmup_iterations",
-                "sampling.guidance_scale", "advantages.eps")
+                "sampling.guidance_scale", "advantages.eps", "run.keep_checkpoints", "rewards.retries",
+                "rewards.retry_backoff")
 
 
 def _get(cfg, dotted: str):
@@ -28,6 +31,15 @@ def _get(cfg, dotted: str):
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
+
+
+def import_reward_modules(modules: list[str]) -> None:
+    """Import the modules named in rewards.modules, so the rewards they register can be named in a recipe."""
+    for i, name in enumerate(modules):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"rewards.modules[{i}]: cannot import {name!r}: {e}") from None
 
 
 def validate(cfg: Config) -> None:
@@ -46,6 +58,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"finetune.ema_decay: must be in [0, 1), got {cfg.finetune.ema_decay}")
     if len(cfg.training.adam_betas) != 2:
         raise ConfigError("training.adam_betas: expected two numbers")
+    if cfg.rewards.timeout is not None and cfg.rewards.timeout <= 0:
+        raise ConfigError(f"rewards.timeout: must be > 0 seconds or null, got {cfg.rewards.timeout}")
+    if cfg.advantages.per_prompt_tracker:
+        if cfg.advantages.std == "none":
+            raise ConfigError("advantages.std: 'none' has no per-prompt tracker form; use group or global")
+        if cfg.rewards.combine != "sum_then_normalize":
+            raise ConfigError("rewards.combine: the per-prompt tracker normalises the weighted sum; "
+                              "use sum_then_normalize")
 
     # sampler pieces build and fit the step count
     kernel = builders.make_kernel(cfg.sampling.kernel)
@@ -74,6 +94,7 @@ def validate(cfg: Config) -> None:
 
     import rewards  # noqa: PLC0415
 
+    import_reward_modules(cfg.rewards.modules)
     try:
         weights = rewards.parse_reward_spec(cfg.rewards.components)
     except ValueError as e:
