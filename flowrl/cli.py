@@ -107,9 +107,10 @@ def _eval(args) -> None:
 
     prompts, metadata = _prompts(args)
     reward = rewards.MultiReward(args.rewards, json.loads(args.reward_kwargs) if args.reward_kwargs else None)
+    expanded = [p for p in prompts for _ in range(args.num)]
+    baseline = _load_baseline(args.baseline, expanded, args) if args.baseline else None  # before any sampling
     policy, family = _load_policy(args)
     images = _sample_images(policy, family, prompts, args, args.num, sde=False)
-    expanded = [p for p in prompts for _ in range(args.num)]
     meta = [m for m in metadata for _ in range(args.num)]
     groups = torch.arange(len(prompts)).repeat_interleave(args.num)  # a prompt's images: one group (pairwise)
     all_scores = reward(images, expanded, meta, groups=groups)
@@ -121,9 +122,11 @@ def _eval(args) -> None:
     categories = category_stats(scores, tags) if all(isinstance(t, str) for t in tags) else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    per_image = {"prompt": expanded, **{k: v.tolist() for k, v in scores.items()}}
     (out / "eval.json").write_text(json.dumps({"model": args.model, "lora": args.lora, "prompts": len(prompts),
                                                "images_per_prompt": args.num, "seed": args.seed,
-                                               "scores": table, "categories": categories}, indent=2))
+                                               "scores": table, "categories": categories,
+                                               "per_image": per_image}, indent=2))
     lines = ["| reward | mean | std | stderr | n |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {r['mean']:.4f} | {r['std']:.4f} | {r['stderr']:.4f} | {r['n']} |" for k, r in table.items()]
     if categories:  # GenEval-style metadata: a table per category
@@ -132,8 +135,64 @@ def _eval(args) -> None:
         for cat, row in categories.items():
             lines.append(f"| {cat} | {row['n']} | "
                          + " | ".join(f"{row[k]['mean']:.4f} ± {row[k]['stderr']:.4f}" for k in names) + " |")
+    if baseline is not None:
+        gains = paired_gains(scores, {k: torch.tensor(v) for k, v in baseline["per_image"].items() if k in scores},
+                             expanded, tags if categories else None)
+        (out / "gain.json").write_text(json.dumps({"baseline": args.baseline, "gains": gains}, indent=2))
+        names = list(gains["overall"])
+        lines += ["", f"Gain over {args.baseline} (same prompts and seeds; standard errors clustered by prompt):", "",
+                  "| category | prompts | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for cat, row in gains.items():
+            lines.append(f"| {cat} | {row[names[0]]['prompts']} | "
+                         + " | ".join(f"{row[k]['gain']:+.4f} ± {row[k]['stderr']:.4f}" for k in names) + " |")
     (out / "eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _load_baseline(path: str, expanded: list[str], args) -> dict:
+    """A previous eval.json of the same prompts, images per prompt and seed (checked before sampling)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--baseline {path} is not a file (give a previous run's eval.json)")
+    base = json.loads(p.read_text())
+    if "per_image" not in base:
+        raise ValueError(f"--baseline {path} has no per-image scores (re-run that eval)")
+    for key, mine in (("images_per_prompt", args.num), ("seed", args.seed)):
+        if base.get(key) != mine:
+            raise ValueError(f"--baseline {path} used {key}={base.get(key)}, this eval {mine}: "
+                             "a paired gain needs the same prompts, images per prompt and seed")
+    if base["per_image"]["prompt"] != expanded:
+        raise ValueError(f"--baseline {path} scored different prompts (or another order)")
+    return base
+
+
+def paired_gains(scores: dict, baseline: dict, prompts: list[str], tags: list[str] | None) -> dict:
+    """Mean score differences against a baseline scored on the same prompts and seeds, per category (when
+    ``tags``) and overall (GenEval's mean of category means). Standard errors are clustered by prompt: a
+    prompt's images share its difficulty, so they are not independent draws."""
+    import torch
+
+    keys = [k for k in scores if k in baseline]
+    index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    pid = torch.tensor([index[p] for p in prompts])
+    cats = sorted(set(tags)) if tags else ["all"]
+    labels = tags if tags else ["all"] * len(prompts)
+
+    def stats(d: torch.Tensor, mask: torch.Tensor) -> dict:
+        ids, inverse = torch.unique(pid[mask], return_inverse=True)
+        per_prompt = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, d[mask])
+        per_prompt /= torch.bincount(inverse, minlength=len(ids)).double()
+        se = float(per_prompt.std() / len(ids) ** 0.5) if len(ids) > 1 else 0.0
+        return {"gain": float(d[mask].mean()), "stderr": se, "prompts": len(ids)}
+
+    out = {}
+    for c in cats:
+        mask = torch.tensor([t == c for t in labels])
+        out[c] = {k: stats(scores[k].double() - baseline[k].double(), mask) for k in keys}
+    out["overall"] = {k: {"gain": sum(out[c][k]["gain"] for c in cats) / len(cats),
+                          "stderr": sum(out[c][k]["stderr"] ** 2 for c in cats) ** 0.5 / len(cats),
+                          "prompts": len(index)} for k in keys}
+    return out
 
 
 def category_stats(scores: dict, tags: list[str]) -> dict:
@@ -158,7 +217,8 @@ def category_stats(scores: dict, tags: list[str]) -> dict:
 
 
 def _common(p):
-    p.add_argument("--model", required=True, help="diffusers folder, hub id, toy:shapes (the shipped shapes-world base) or tiny:<sd3|flux|sd>")
+    p.add_argument("--model", required=True, help="diffusers folder, hub id, toy:shapes (the shipped "
+                   "shapes-world base) or tiny:<sd3|flux|sd>")
     p.add_argument("--lora", default=None, help="a LoRA folder (e.g. RUN_DIR/lora), loaded with load_lora_weights")
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompts", default=None, help=".txt or .jsonl prompt file")
@@ -198,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     e.add_argument("--rewards", required=True, help='reward spec, e.g. "brightness:1,jpeg_compressibility:0.5"')
     e.add_argument("--reward-kwargs", default=None, help='JSON: {"reward_name": {"arg": value}}')
+    e.add_argument("--baseline", default=None, help="a previous eval.json on the same prompts, images per prompt and "
+                   "seed (e.g. the base model's): also report the paired gain per category, with standard errors")
     e.set_defaults(fn=_eval)
     return ap
 

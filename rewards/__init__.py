@@ -3,16 +3,16 @@
 Importing this package registers every reward family but loads no weights, touches no network and imports
 no model library; model-based rewards import transformers / open_clip and load weights in their constructors.
 """
+from .aesthetic import Aesthetic
 from .base import (
-    REWARDS,
     RANGE_TOL,
+    REWARDS,
     Reward,
     RewardOutputError,
     build_reward,
     parse_reward_spec,
     register,
 )
-from .aesthetic import Aesthetic
 from .clip_similarity import CLIPScore, PickScore
 from .hps import HPSv2, HPSv21
 from .imagereward import ImageReward

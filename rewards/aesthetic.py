@@ -60,8 +60,9 @@ class Aesthetic(ModelReward):
                  needs_grad: bool = False):
         super().__init__(device, dtype, batch_size, needs_grad)
         if head is None:
-            raise ValueError(f"reward {self.name!r}: head is required: a local copy of sac+logos+ava1-l14-linearMSE.pth "
-                             "from github.com/christophschuhmann/improved-aesthetic-predictor")
+            raise ValueError(f"reward {self.name!r}: head is required: a local copy of "
+                             "sac+logos+ava1-l14-linearMSE.pth from "
+                             "github.com/christophschuhmann/improved-aesthetic-predictor")
         head = local_file(self.name, "head", head)
         clip_src = folder_or_hub_id(self.name, "clip", clip)
         state = load_state_dict(head)

@@ -88,7 +88,8 @@ def text_config(med: dict, encoder_width: int, tokenizer):
     from transformers import BlipTextConfig
 
     if not med.get("add_cross_attention"):
-        raise ValueError("med_config.json must set add_cross_attention: ImageReward's text encoder attends to the image")
+        raise ValueError("med_config.json must set add_cross_attention: ImageReward's text encoder attends to "
+                         "the image")
     return BlipTextConfig(
         vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], encoder_hidden_size=encoder_width,
         intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],

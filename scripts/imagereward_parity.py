@@ -7,13 +7,13 @@ The package runs only in a legacy stack, made once outside the repository with
     python3 -m venv venv-ir && venv-ir/bin/pip install "torch==2.14.1" "torchvision==0.29.1" \
         "transformers==4.57.6" "diffusers==0.39.*" "datasets<5" "setuptools<81" image-reward clip-anytorch
 
-so this script, run with flowrl's environment, drives it in a subprocess of ``--legacy-python``. That
-subprocess builds the package's ``ImageReward`` module (ViT-L + BERT-base, hard-coded) with random weights,
-``torch.save``s its state dict as ``ImageReward.pt``, loads it back through ``ImageReward.load`` and scores every
-(image, prompt) pair with ``model.score(prompt, PIL image)``. This process loads the same file with ``rewards.ImageReward`` and scores the
-same pairs from tensors. Nothing is downloaded: the tokenizer is a BERT vocabulary of bert-base-uncased's size
-and special-token ids written here, used by both sides (the package's ``bert-base-uncased`` lookup is pointed
-at it, along with a shim for three helpers transformers moved to ``pytorch_utils``).
+so this script, run with flowrl's environment, drives it in a subprocess of ``--legacy-python``. That subprocess
+builds the package's ``ImageReward`` module (ViT-L + BERT-base, hard-coded) with random weights, ``torch.save``s its
+state dict as ``ImageReward.pt``, loads it back through ``ImageReward.load`` and scores every (image, prompt) pair
+with ``model.score(prompt, PIL image)``. This process loads the same file with ``rewards.ImageReward`` and scores
+the same pairs from tensors. Nothing is downloaded: the tokenizer is a BERT vocabulary of bert-base-uncased's size
+and special-token ids written here, used by both sides (the package's ``bert-base-uncased`` lookup is pointed at it,
+along with a shim for three helpers transformers moved to ``pytorch_utils``).
 
 The MLP head is re-drawn with 1/sqrt(fan-in) weights (the package initialises it ~1e-3, which would make every
 score nearly the same constant and the comparison empty). Two image sets: 224x224 (the package's resize is then

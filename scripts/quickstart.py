@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 from flowrl.models import load_policy  # noqa: E402
 from flowrl.models.tiny import save_tiny  # noqa: E402
-from flowrl.train.images import save_grid  # noqa: E402
 from flowrl.sampling import DDIMEta, Flat, FlowSDE, SplitAt, Window, rollout, score_edges  # noqa: E402
+from flowrl.train.images import save_grid  # noqa: E402
 
 
 def main():
@@ -45,8 +45,9 @@ def main():
     with torch.no_grad():
         logp, _, _ = score_edges(policy, flat, edges)
     drift = float((logp - flat.logp_old[edges]).exp().sub(1).abs().max())
+    sde_steps = flat.info["noise_scales"].nonzero().flatten().tolist()
     print(f"Flow-GRPO group: {len(prompts)} prompts x 8 samples, {flat.nfe} model evaluations "
-          f"({flat.forward_passes} forward passes with CFG), SDE steps {flat.info['noise_scales'].nonzero().flatten().tolist()}, "
+          f"({flat.forward_passes} forward passes with CFG), SDE steps {sde_steps}, "
           f"{len(edges)} trainable steps, max |ratio - 1| on re-scoring = {drift:.2e}")
 
     tree = rollout(policy, prompts[:1], plan=SplitAt(steps=(0, 3, 6, 9), K=2, correlation=1.0), kernel=kernel,

@@ -150,9 +150,9 @@ def test_aggregate_invariant_to_sharding_and_micro_batching(mode):
     for shard in shards:
         for mb in (shard[:1], shard[1:4], shard[4:]):
             width = int(mask[mb].sum(-1).max().clamp(min=1))
-            l, m = loss[mb, :width], mask[mb, :width]
-            parts.append(aggregate(l, m, mode, global_tokens=g_tok, global_seqs=g_seq, norm_len=norm_len))
-            local_parts.append(aggregate(l, m, mode, norm_len=norm_len))
+            lo, m = loss[mb, :width], mask[mb, :width]
+            parts.append(aggregate(lo, m, mode, global_tokens=g_tok, global_seqs=g_seq, norm_len=norm_len))
+            local_parts.append(aggregate(lo, m, mode, norm_len=norm_len))
     torch.testing.assert_close(sum(parts), whole, rtol=1e-12, atol=1e-12)
     # local denominators (what a naive per-micro-batch mean does) give a different gradient scale
     assert not torch.allclose(sum(local_parts), whole)

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from rewards import (REWARDS, MultiReward, Reward, RewardOutputError, build_reward, parse_reward_spec,
-                     register)
+from rewards import REWARDS, MultiReward, Reward, RewardOutputError, build_reward, parse_reward_spec, register
 
 
 class Const(Reward):

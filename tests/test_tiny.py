@@ -9,7 +9,13 @@ import torch  # noqa: E402
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline  # noqa: E402
 
 from flowrl.models.tiny import (  # noqa: E402
-    DEFAULT_SIZE, FAMILIES, WORDS, build_tiny, clip_tokenizer, save_tiny, t5_tokenizer,
+    DEFAULT_SIZE,
+    FAMILIES,
+    WORDS,
+    build_tiny,
+    clip_tokenizer,
+    save_tiny,
+    t5_tokenizer,
 )
 
 LATENT_SHAPE = {"sd3": (2, 4, 32, 32), "flux": (2, 256, 16), "sd": (2, 4, 32, 32)}  # flux latents are packed

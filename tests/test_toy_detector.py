@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rewards.toy  # noqa: F401  (registers "shapes" until rewards/__init__ imports it)
 from flowrl.toy import detector, geneval, world
 from rewards.base import build_reward
-import rewards.toy  # noqa: F401  (registers "shapes" until rewards/__init__ imports it)
 
 N = 200  # images per category and condition
 
@@ -126,7 +126,8 @@ def test_color_attr_swapped_is_wrong_but_two_object_is_not():
 
 def test_relations_use_genevals_margin():
     def det(cx, cy, s=8):
-        return detector.Detection("red", "square", (cx, cy), (cx - s // 2, cy - s // 2, cx + s // 2, cy + s // 2), 64, 1)
+        box = (cx - s // 2, cy - s // 2, cx + s // 2, cy + s // 2)
+        return detector.Detection("red", "square", (cx, cy), box, 64, 1)
     assert geneval.relations(det(5, 16), det(25, 16)) == {"left of"}
     assert geneval.relations(det(25, 16), det(5, 16)) == {"right of"}
     assert geneval.relations(det(16, 5), det(16, 25)) == {"above"}

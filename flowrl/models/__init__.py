@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-_ADAPTER_MODULES = {"SD3Policy": "flowrl.models.sd3", "FluxPolicy": "flowrl.models.flux", "SDPolicy": "flowrl.models.sd"}
-ADAPTERS = {"StableDiffusion3Pipeline": "SD3Policy", "FluxPipeline": "FluxPolicy", "StableDiffusionPipeline": "SDPolicy"}
+_ADAPTER_MODULES = {"SD3Policy": "flowrl.models.sd3", "FluxPolicy": "flowrl.models.flux",
+                    "SDPolicy": "flowrl.models.sd"}
+ADAPTERS = {"StableDiffusion3Pipeline": "SD3Policy", "FluxPipeline": "FluxPolicy",
+            "StableDiffusionPipeline": "SDPolicy"}
 FAMILY_OF_PIPELINE = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "StableDiffusionPipeline": "sd"}
 TOY_BASE = "toy:shapes"
 

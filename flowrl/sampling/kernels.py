@@ -109,13 +109,15 @@ def flow_grpo_sigma(t, t_max, a: float) -> Tensor:
 
 def flow_sde_step(x, v, t, t_next, *, a: float = 0.7, t_max=None, **kw) -> Transition:
     """Flow-GRPO kernel (noise level ``a``: 0.7 for SD3, 0.9 for FLUX). ``t_max``: see flow_grpo_sigma."""
-    g = flow_grpo_sigma(torch.as_tensor(t, dtype=torch.float32, device=x.device), t_max if t_max is not None else t_next, a)
+    t_max = t_max if t_max is not None else t_next
+    g = flow_grpo_sigma(torch.as_tensor(t, dtype=torch.float32, device=x.device), t_max, a)
     return sample_step(*flow_sde_mean_std(x, v, t, t_next, g), **kw)
 
 
 def flow_sde_const_step(x, v, t, t_next, *, eta: float = 0.3, **kw) -> Transition:
     """DanceGRPO kernel: the same reverse SDE with a constant diffusion coefficient g = eta."""
-    return sample_step(*flow_sde_mean_std(x, v, t, t_next, torch.full_like(torch.as_tensor(t, dtype=torch.float32), eta)), **kw)
+    g = torch.full_like(torch.as_tensor(t, dtype=torch.float32), eta)
+    return sample_step(*flow_sde_mean_std(x, v, t, t_next, g), **kw)
 
 
 def cps_mean_std(x: Tensor, v: Tensor, t, t_next, a) -> tuple[Tensor, Tensor]:

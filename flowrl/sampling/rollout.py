@@ -11,10 +11,10 @@ import math
 import torch
 from torch import Tensor
 
-from flowrl.sampling.policy import Conditioning, Policy
 from flowrl.sampling.forest import Forest
 from flowrl.sampling.kernels import Kernel, dpm_solver_2m_step, gaussian_log_prob, ode_euler_step
 from flowrl.sampling.plans import Plan
+from flowrl.sampling.policy import Conditioning, Policy
 from flowrl.sampling.schedules import Constant, Schedule
 from flowrl.sampling.seeding import derive_seed, randn
 
@@ -126,7 +126,8 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
             rows = rows if K == 1 else None
         else:
             if grid.family == "ddim":
-                x_next, _ = kernel.mean_std(x, out, grid, torch.full((N,), k, device=device), torch.zeros(N, device=device))
+                x_next, _ = kernel.mean_std(x, out, grid, torch.full((N,), k, device=device),
+                                            torch.zeros(N, device=device))
             elif ode_solver == "dpm2m":
                 x_next, memory = dpm_solver_2m_step(x, out, grid.sigmas[k], grid.sigmas[k + 1], memory)
             else:

@@ -99,7 +99,8 @@ class Trainer:
             check_run_dir(self.run_dir)
         self.family = builders.model_family(cfg.model.path)
         self.train_set = builders.load_prompts(cfg.data.train_prompts)
-        self.eval_set = builders.load_prompts(cfg.data.eval_prompts, "data.eval_prompts") if cfg.data.eval_prompts else None
+        self.eval_set = (builders.load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
+                         if cfg.data.eval_prompts else None)
         self.prompt_weights = (balance_weights(self.train_set.metadata, cfg.data.balance_key)
                                if cfg.data.balance_key else None)
         self.kernel = builders.make_kernel(cfg.sampling.kernel)
