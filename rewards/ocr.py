@@ -19,7 +19,6 @@ use the ``remote`` reward with ``main_key: score``.
 """
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 
 from .base import Reward, register
 from .remote import to_uint8
+from .server import load_callable
 
 Engine = Callable[[np.ndarray], str]
 _QUOTES = (re.compile(r'"([^"]*)"'), re.compile(r"“([^”]*)”"), re.compile(r"(?<!\w)'([^']*)'(?!\w)"))
@@ -115,16 +115,9 @@ def build_engine(engine: str | Engine, engine_kwargs: Mapping[str, Any] | None =
         raise ValueError(f"engine must be a callable or a name, got {type(engine).__name__}")
     if engine in ENGINES:
         return ENGINES[engine](**dict(engine_kwargs or {}))
-    module, sep, attr = engine.partition(":")
-    if not sep or not module or not attr:
+    if ":" not in engine:
         raise ValueError(f"unknown OCR engine {engine!r}; use one of {sorted(ENGINES)} or 'module:callable'")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    obj = obj(**engine_kwargs) if engine_kwargs is not None else obj
-    if not callable(obj):
-        raise ValueError(f"OCR engine {engine!r} is not callable")
-    return obj
+    return load_callable(engine, engine_kwargs, "OCR engine")
 
 
 class OcrScorer:

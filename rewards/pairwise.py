@@ -17,7 +17,6 @@ therefore logs a constant 1/2 (use ``flowrl eval --num G`` for a meaningful pair
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import Tensor
 from flowrl.core.advantages import pairwise_win_rates, preference_matrix
 
 from .base import Reward, build_reward, register
+from .server import load_callable
 
 Judge = Callable[[Tensor, Tensor, list], Any]
 
@@ -64,16 +64,9 @@ def build_judge(judge: str | Judge, judge_kwargs: Mapping[str, Any] | None = Non
         return build_reward("vlm_judge", **kwargs).compare
     if judge.startswith("reward:"):
         return ScoreJudge(build_reward(judge.split(":", 1)[1], **kwargs))
-    module, sep, attr = judge.partition(":")
-    if not sep or not module or not attr:
+    if ":" not in judge:
         raise ValueError(f"unknown judge {judge!r}: use 'vlm', 'reward:<name>' or 'module:callable'")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    obj = obj(**kwargs) if judge_kwargs is not None else obj
-    if not callable(obj):
-        raise ValueError(f"judge {judge!r} is not callable")
-    return obj
+    return load_callable(judge, kwargs if judge_kwargs is not None else None, "judge")
 
 
 @register("pairwise")

@@ -172,18 +172,24 @@ class _Handler(BaseHTTPRequestHandler):
         sys.stderr.write(f"rewards.server: {self.address_string()} {fmt % args}\n")
 
 
-def load_scorer(target: str, kwargs: Mapping[str, Any] | None = None) -> Scorer:
-    """``module:attr`` -> the scorer; with ``kwargs`` (even {}), ``attr(**kwargs)``."""
+def load_callable(target: str, kwargs: Mapping[str, Any] | None, what: str) -> Callable:
+    """``module:attr`` (dotted attr allowed) -> the object; with ``kwargs`` (even {}), ``attr(**kwargs)``.
+    ``what`` names the option in errors (also used by the OCR engine and pairwise judge options)."""
     module, sep, attr = target.partition(":")
     if not sep or not module or not attr:
-        raise ValueError(f"--scorer must look like module:callable, got {target!r}")
+        raise ValueError(f"{what} must look like module:callable, got {target!r}")
     obj: Any = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
-    scorer = obj(**kwargs) if kwargs is not None else obj
-    if not callable(scorer):
-        raise ValueError(f"{target} is not callable" + (" once built" if kwargs is not None else ""))
-    return scorer
+    obj = obj(**kwargs) if kwargs is not None else obj
+    if not callable(obj):
+        raise ValueError(f"{what} {target!r} is not callable" + (" once built" if kwargs is not None else ""))
+    return obj
+
+
+def load_scorer(target: str, kwargs: Mapping[str, Any] | None = None) -> Scorer:
+    """``module:attr`` -> the scorer; with ``kwargs`` (even {}), ``attr(**kwargs)``."""
+    return load_callable(target, kwargs, "--scorer")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
