@@ -6,8 +6,10 @@
    iteration's update is mostly noise: the recipe needs more samples per update, a smaller learning rate, or
    exploration that the gradient can credit (e.g. shared initial noise within a group).
 2. Line search (``--steps``): the reward, sampled with the ODE as evaluation does, after moving the weights by
-   -s * mean_gradient / rms(mean_gradient) for each s (a descent step on the loss, i.e. an ascent on the
-   reward when the gradient carries signal), on fixed seeds so every s is compared on the same noise.
+   -s * d for each s, on fixed seeds so every s is compared on the same noise. ``--direction``: d is the mean
+   gradient over rms (a descent step on the loss, an ascent on the reward when the gradient carries signal),
+   its sign (what Adam's first steps do), or a random gaussian direction of rms 1 (how fragile the model is
+   to a move of that size that carries no signal).
 
     python scripts/diagnose_gradient.py configs/toy_flowgrpo.yaml --iterations 6
     python scripts/diagnose_gradient.py configs/toy_flowgrpo.yaml --iterations 12 --steps 0,3e-4,1e-3,3e-3,-1e-3 \
@@ -65,6 +67,7 @@ def main(argv=None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--iterations", type=int, default=6, help="independent gradient estimates (K)")
     ap.add_argument("--steps", default="", help="comma-separated line-search step sizes s (rms of the move)")
+    ap.add_argument("--direction", choices=("gradient", "sign", "random"), default="gradient")
     ap.add_argument("--samples-per-prompt", type=int, default=16, help="ODE samples per prompt in the line search")
     args = ap.parse_args(argv)
 
@@ -82,7 +85,12 @@ def main(argv=None) -> None:
         print(json.dumps(report), flush=True)
         if args.steps:
             mean = G.mean(0)
-            direction = mean / mean.pow(2).mean().sqrt()
+            if args.direction == "gradient":
+                direction = mean / mean.pow(2).mean().sqrt()
+            elif args.direction == "sign":
+                direction = mean.sign()
+            else:
+                direction = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
             base = torch.nn.utils.parameters_to_vector(trainer.params).detach().clone()
             for s in (float(x) for x in args.steps.split(",")):
                 with torch.no_grad():  # the loss gradient: descending it is ascending the reward
