@@ -124,9 +124,9 @@ def _eval(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     per_image = {"prompt": expanded, **{k: v.tolist() for k, v in scores.items()}}
     (out / "eval.json").write_text(json.dumps({"model": args.model, "lora": args.lora, "prompts": len(prompts),
-                                               "images_per_prompt": args.num, "seed": args.seed,
-                                               "scores": table, "categories": categories,
-                                               "per_image": per_image}, indent=2))
+                                               **{k: getattr(args, k) for k in PAIRED_SETTINGS.values()},
+                                               "images_per_prompt": args.num, "scores": table,
+                                               "categories": categories, "per_image": per_image}, indent=2))
     lines = ["| reward | mean | std | stderr | n |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {r['mean']:.4f} | {r['std']:.4f} | {r['stderr']:.4f} | {r['n']} |" for k, r in table.items()]
     if categories:  # GenEval-style metadata: a table per category
@@ -149,6 +149,11 @@ def _eval(args) -> None:
     print("\n".join(lines))
 
 
+# sampling options a paired comparison must share with its baseline (option -> argparse / eval.json key)
+PAIRED_SETTINGS = {"--seed": "seed", "--steps": "steps", "--guidance": "guidance", "--height": "height",
+                   "--width": "width", "--max-sequence-length": "max_sequence_length"}
+
+
 def _load_baseline(path: str, expanded: list[str], args) -> dict:
     """A previous eval.json of the same prompts, images per prompt and seed (checked before sampling)."""
     p = Path(path)
@@ -157,10 +162,13 @@ def _load_baseline(path: str, expanded: list[str], args) -> dict:
     base = json.loads(p.read_text())
     if "per_image" not in base:
         raise ValueError(f"--baseline {path} has no per-image scores (re-run that eval)")
-    for key, mine in (("images_per_prompt", args.num), ("seed", args.seed)):
-        if base.get(key) != mine:
-            raise ValueError(f"--baseline {path} used {key}={base.get(key)}, this eval {mine}: "
-                             "a paired gain needs the same prompts, images per prompt and seed")
+    if base.get("images_per_prompt") != args.num:
+        raise ValueError(f"--baseline {path} has {base.get('images_per_prompt')} images per prompt, this eval "
+                         f"{args.num}: a paired gain needs the same prompts, images per prompt and seed")
+    for option, key in PAIRED_SETTINGS.items():
+        if base.get(key) != getattr(args, key):
+            raise ValueError(f"--baseline {path} used {option} {base.get(key)}, this eval {getattr(args, key)}: "
+                             "a paired gain needs the same seeds and sampling settings")
     if base["per_image"]["prompt"] != expanded:
         raise ValueError(f"--baseline {path} scored different prompts (or another order)")
     return base
