@@ -149,9 +149,11 @@ def _eval(args) -> None:
     print("\n".join(lines))
 
 
-# sampling options a paired comparison must share with its baseline (option -> argparse / eval.json key)
+# options a paired comparison must share with its baseline (option -> argparse / eval.json key): the seeds, the
+# sampling, and what scores the images
 PAIRED_SETTINGS = {"--seed": "seed", "--steps": "steps", "--guidance": "guidance", "--height": "height",
-                   "--width": "width", "--max-sequence-length": "max_sequence_length"}
+                   "--width": "width", "--max-sequence-length": "max_sequence_length", "--dtype": "dtype",
+                   "--rewards": "rewards", "--reward-kwargs": "reward_kwargs"}
 
 
 def _load_baseline(path: str, expanded: list[str], args) -> dict:
@@ -168,7 +170,7 @@ def _load_baseline(path: str, expanded: list[str], args) -> dict:
     for option, key in PAIRED_SETTINGS.items():
         if base.get(key) != getattr(args, key):
             raise ValueError(f"--baseline {path} used {option} {base.get(key)}, this eval {getattr(args, key)}: "
-                             "a paired gain needs the same seeds and sampling settings")
+                             "a paired gain needs the same seeds, sampling settings and rewards")
     if base["per_image"]["prompt"] != expanded:
         raise ValueError(f"--baseline {path} scored different prompts (or another order)")
     return base

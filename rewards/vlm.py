@@ -58,6 +58,11 @@ class VLMJudge(Reward):
         for arg, t in (("template", template), ("pair_template", pair_template)):
             if not isinstance(t, str) or "{prompt}" not in t:
                 raise ValueError(f"{who}: {arg} must be a str containing {{prompt}}, got {t!r}")
+            try:  # other fields or a stray brace would only fail at score time, then be retried
+                t.format(prompt="x")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{who}: {arg} may use only the field {{prompt}} (write literal braces as "
+                                 f"{{{{ and }}}}); formatting it failed with {type(e).__name__}: {e}") from None
         self.pattern, self.pair_pattern = self._regex(pattern, "pattern"), self._regex(pair_pattern, "pair_pattern")
         try:
             low, high = (float(v) for v in score_range)

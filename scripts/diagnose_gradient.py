@@ -57,7 +57,8 @@ def ode_reward(trainer: Trainer, samples_per_prompt: int, seed: int = 10_000) ->
         leaves = forest.leaves()
         images = trainer._decode(forest.latents[leaves])
         who = forest.node_prompt[leaves].tolist()
-        scores = trainer.reward(images, [prompts[i] for i in who], [meta[i] for i in who])
+        scores = trainer.reward(images, [prompts[i] for i in who], [meta[i] for i in who],
+                                groups=forest.node_prompt[leaves])
     return {k: float(v.mean()) for k, v in scores.items()}
 
 
@@ -70,6 +71,8 @@ def main(argv=None) -> None:
     ap.add_argument("--direction", choices=("gradient", "sign", "random"), default="gradient")
     ap.add_argument("--samples-per-prompt", type=int, default=16, help="ODE samples per prompt in the line search")
     args = ap.parse_args(argv)
+    if args.iterations < 3:
+        ap.error("--iterations must be at least 3 (pairs of gradients, and a jackknife over them)")
 
     with tempfile.TemporaryDirectory() as out:
         # one optimiser step per iteration, so each recorded gradient is one iteration's whole update
@@ -78,9 +81,14 @@ def main(argv=None) -> None:
         trainer = Trainer(cfg)
         G = gradients(trainer, args.iterations)
         unit = G / G.norm(dim=1, keepdim=True)
-        cos = (unit @ unit.T)[~torch.eye(len(G), dtype=torch.bool)]
-        report = {"iterations": args.iterations, "cosine_mean": float(cos.mean()),
-                  "cosine_stderr": float(cos.std() / len(G)),  # ~K independent estimates behind K(K-1) pairs
+        C = unit @ unit.T
+        K = len(G)
+        off = ~torch.eye(K, dtype=torch.bool)
+        # the K(K-1) pairs share their K gradients, so the standard error is a jackknife over iterations
+        loo = torch.stack([C[keep][:, keep][off[keep][:, keep]].mean()
+                           for keep in (torch.arange(K) != i for i in range(K))])
+        se = float(((K - 1) / K * (loo - loo.mean()).pow(2).sum()).sqrt())
+        report = {"iterations": K, "cosine_mean": float(C[off].mean()), "cosine_stderr": se,
                   "gradient_norm": float(G.norm(dim=1).mean())}
         print(json.dumps(report), flush=True)
         if args.steps:

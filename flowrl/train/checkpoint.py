@@ -170,6 +170,9 @@ def resolve(spec: str, output_dir: str) -> tuple[Path, list[str]]:
             raise ConfigError(f"--resume: {path} is not a complete checkpoint: {why}")
         return path, []
     if not (path / "checkpoints").is_dir():
+        if (path / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {path} is a run that wrote no checkpoint yet (run.save_every sets how "
+                              "often one is written); start it again in a new folder")
         raise ConfigError(f"--resume: {path} holds no checkpoints/ folder (not a flowrl run folder)")
     good, bad = scan(path / "checkpoints")
     notes = [f"skipping {p.name}: {why}" for p, why in bad if not good or _iteration(p) > good[-1][0]]

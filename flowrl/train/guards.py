@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -62,10 +61,12 @@ class StopSignal:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received, self._at = name, time.monotonic()
-            print(f"flowrl: {name} received: finishing this iteration, then writing a checkpoint "
-                  "(send it again to exit at once)", file=sys.stderr, flush=True)
+            # os.write, not print: the handler may interrupt a write to stderr (tqdm, logging), and a buffered
+            # write re-entered from a signal handler raises
+            os.write(2, f"flowrl: {name} received: finishing this iteration, then writing a checkpoint (send it "
+                        "again to exit at once)\n".encode())
         elif time.monotonic() - self._at > self.REPEAT_WINDOW_S:
-            print(f"flowrl: second {name}: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os.write(2, f"flowrl: second {name}: exiting now, without a checkpoint\n".encode())
             os._exit(128 + signum)
 
 

@@ -359,7 +359,8 @@ class Trainer:
                         bar.set_postfix(reward=f"{row['reward/mean']:.4f}", loss=f"{row['loss']:.2e}")
                 acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=it)
                 self.state.iteration = it + 1
-                stopping = self._any_process(stop.received is not None)  # every process stops at the same one
+                # every process stops at the same one; a signal during the last iteration just lets the run finish
+                stopping = self._any_process(stop.received is not None) and it + 1 < c.run.iterations
                 failing = self.state.consecutive_skips >= c.training.max_consecutive_skips
                 if (stopping or failing or it + 1 == c.run.iterations
                         or (c.run.save_every and (it + 1) % c.run.save_every == 0)):
@@ -444,8 +445,9 @@ class Trainer:
         return row
 
     def _skipped(self, row, reason: str, prompt_ids: list[int], forest, t0, t_rollout) -> dict:
-        """A row for an iteration whose update was skipped (non-finite reward / advantage / loss / gradient);
-        nothing of it reached the weights, the optimizer, the LR schedule or the EMA."""
+        """A row for an iteration whose update was skipped (non-finite reward / advantage / loss / gradient): the
+        failing optimizer step, and any left in the iteration, never reach the weights, the optimizer, the LR
+        schedule or the EMA (with updates_per_epoch or inner_epochs > 1, earlier steps of the iteration stand)."""
         self.state.skips += 1
         self.state.consecutive_skips += 1
         where = f"prompt ids {prompt_ids}" if prompt_ids else "not attributable to a prompt"
@@ -496,6 +498,8 @@ class Trainer:
                     finite = (bool(torch.isfinite(grad_norm)) if grad_norm is not None
                               else guards.grads_finite(self.params))
                     if self._any_process(bool(bad_units) or not finite):
+                        if acc.scaler is not None:  # fp16: clipping unscaled; update() lowers the scale, resets
+                            acc.scaler.update()
                         self.optimizer.zero_grad(set_to_none=True)
                         ids = sorted(set(gather_object([prompt_ids[int(unit_prompt[u])] for u in bad_units])))
                         return self._reduce_logs(logs), ("loss" if ids else "gradient", ids)
