@@ -1,4 +1,5 @@
-"""Policy losses (ALGORITHMS.md §6-7): clipped surrogate, chunk/sequence ratios, RatioNorm, KL, aggregation.
+"""Policy losses (ALGORITHMS.md §6-7): clipped surrogate, chunk/sequence ratios, RatioNorm, KL, aggregation, and
+DiffusionNFT's forward-process loss (no log-probs: flow matching on clean samples).
 
 A *unit* is what carries one log-prob: a denoising step (image) or a token (LLM). Image log-probs are
 per-element means over the latent (the convention every clip default here assumes).
@@ -201,6 +202,48 @@ def aggregate(
 
 # Configs pick a policy loss by name; every entry has clipped_surrogate's signature and returns
 # (per-unit loss, stats). Forward-process losses (DGPO, DiffusionNFT) belong elsewhere: no ratio.
+def nft_optimality(adv: Tensor, clip: float) -> Tensor:
+    """DiffusionNFT's optimality probability ``r = clip(A, -C, C) / (2C) + 1/2`` in [0, 1]: 1 for the best
+    samples, 1/2 for an average one, 0 for the worst."""
+    if clip <= 0:
+        raise ValueError(f"nft_optimality needs a positive clip C, got {clip}")
+    return adv.clamp(-clip, clip) / (2 * clip) + 0.5
+
+
+def nft_loss(v: Tensor, v_old: Tensor, x0: Tensor, noise: Tensor, t: Tensor, r: Tensor, beta: float = 1.0,
+             adaptive: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """DiffusionNFT per-sample loss on the forward process ``x_t = (1 - t) x0 + t noise`` (target ``noise - x0``).
+
+    The implicit positive and negative policies ``v+ = (1 - beta) v_old + beta v`` and
+    ``v- = (1 + beta) v_old - beta v`` are regressed onto the sample with weights r and 1 - r:
+    ``loss = (r * L(v+) + (1 - r) * L(v-)) / beta``. With the plain error its pointwise minimiser is
+    ``v* = v_old + (2r - 1) / beta * (target - v_old)``: toward good samples, away from bad ones, by a step set
+    by beta. At ``v = v_old`` (on-policy) its gradient is advantage-weighted flow matching,
+    ``2 (2r - 1) (v - target) dv`` (times t^2 / weight with the adaptive error).
+    ``adaptive``: L is the x0-space error ``|x0_hat - x0|^2`` over its own detached mean absolute value (the
+    paper's adaptive weighting, x0_hat = x_t - t v); otherwise the plain velocity error ``|v - target|^2``.
+    v, v_old, x0, noise: (N, ...); t, r: (N,). Returns (N,) losses and stats.
+    """
+    if beta <= 0:
+        raise ValueError(f"nft_loss needs beta > 0, got {beta}")
+    n = v.shape[0]
+    v, v_old, x0, noise = v.float(), v_old.detach().float(), x0.float(), noise.float()
+    tb = t.float().reshape(n, *([1] * (v.dim() - 1)))
+    target = noise - x0
+    x_t = (1 - tb) * x0 + tb * noise
+
+    def err(u: Tensor) -> Tensor:
+        if not adaptive:
+            return (u - target).pow(2).reshape(n, -1).mean(1)
+        d = (x_t - tb * u - x0).reshape(n, -1)  # x0_hat - x0 = t (target - u)
+        return d.pow(2).mean(1) / d.detach().abs().mean(1).clamp(min=1e-5)
+
+    pos, neg = err((1 - beta) * v_old + beta * v), err((1 + beta) * v_old - beta * v)
+    r = r.float()
+    loss = (r * pos + (1 - r) * neg) / beta
+    return loss, {"nft_pos": pos.detach(), "nft_neg": neg.detach(), "nft_r": r.detach()}
+
+
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
     "clip": clipped_surrogate,
 }

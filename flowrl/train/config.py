@@ -97,6 +97,8 @@ class AdvantageConfig:
 
 @dataclass
 class TrainingConfig:
+    objective: str = "grpo"              # grpo: clipped surrogate on SDE step log-probs (Flow-GRPO family) |
+                                         # nft: DiffusionNFT, flow matching on the clean samples (no log-probs)
     lr: float = 3e-4
     weight_decay: float = 1e-4
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -111,6 +113,9 @@ class TrainingConfig:
     kl_beta: float = 0.0                 # closed-form Gaussian KL to the base weights (adapter off)
     timestep_fraction: float = 1.0       # fraction of each trajectory's stochastic steps trained (DanceGRPO)
     log_prob_reduction: str = "mean"
+    nft_beta: float = 1.0                # nft: step of the implicit positive / negative policies v+- (losses.nft_loss)
+    nft_timesteps: int = 2               # nft: forward-process draws (t, noise) per sample per iteration
+    nft_adaptive_weight: bool = True     # nft: x0-space error over its detached mean (the paper's weighting)
     max_consecutive_skips: int = 3       # iterations in a row skipped for a non-finite reward / advantage / loss /
                                          # gradient before the run stops (with a checkpoint of the last good state)
 

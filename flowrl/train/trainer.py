@@ -29,11 +29,13 @@ from flowrl.core import (
     combine_rewards,
     group_ids,
     kl_gaussian_mean,
+    nft_loss,
+    nft_optimality,
 )
 from flowrl.models import FAMILY_OF_PIPELINE, load_pipeline, policy_from_pipeline
 from flowrl.sampling import Constant, Flat, rollout, score_edges
 from flowrl.sampling.seeding import derive_seed
-from flowrl.train import builders, checkpoint, finetune, guards
+from flowrl.train import builders, checkpoint, finetune, guards, nft
 from flowrl.train.checkpoint import LOGS, LoopState
 from flowrl.train.config import Config, ConfigError, to_dict
 from flowrl.train.images import load_grid, save_grid
@@ -429,7 +431,16 @@ class Trainer:
         if c.run.log_samples_every and (it + 1) % c.run.log_samples_every == 0 and acc.is_main_process:
             save_grid(images[:GRID_IMAGES], self.run_dir / "samples" / f"train_{it:06d}.png")
 
-        stats, skip = self._optimize(forest, broadcast_advantages(forest, leaf_adv), it, prompt_ids)
+        if c.training.objective == "nft":
+            nft_units = nft.nft_units(forest, c.training.nft_timesteps, c.run.seed, it)
+            units, unit_prompt = torch.arange(len(nft_units)), nft_units.unit_prompt
+            unit_adv = leaf_adv.repeat_interleave(nft_units.K)
+            loss_fn = self._nft_loss_fn(forest, nft_units, unit_adv)
+        else:  # grpo: the trainable SDE steps, each with its trajectory's advantage
+            units = select_units(forest, c.training.timestep_fraction, c.run.seed, it)
+            unit_adv, unit_prompt = broadcast_advantages(forest, leaf_adv), forest.node_prompt[forest.src]
+            loss_fn = lambda mb: self._unit_loss(forest, mb, unit_adv[mb])  # noqa: E731
+        stats, skip = self._optimize(units, unit_prompt, loss_fn, it, prompt_ids)
         t_train = time.perf_counter() - t0 - t_rollout - t_reward
 
         row.update({"adv/mean": float(all_adv.mean()), "adv/std": float(all_adv.std()),
@@ -464,17 +475,16 @@ class Trainer:
     def _nfe(self, forest) -> int:
         return int(self.acc.gather(torch.tensor([forest.forward_passes], device=self.acc.device)).sum())
 
-    def _optimize(self, forest, edge_adv, it, prompt_ids):
-        """Inner epochs x updates of micro-batches. An update whose loss (on any process) or gradient is
-        non-finite is not applied, and the iteration's remaining updates are dropped: returns the stats of the
-        applied updates and None, or ("loss" | "gradient", prompt ids) for the skip."""
+    def _optimize(self, units, unit_prompt, loss_fn, it, prompt_ids):
+        """Inner epochs x updates of micro-batches of ``units`` (ids; ``unit_prompt[id]`` is the unit's local
+        prompt position, ``loss_fn(ids)`` its per-unit losses and stats). An update whose loss (on any process)
+        or gradient is non-finite is not applied, and the iteration's remaining updates are dropped: returns the
+        stats of the applied updates and None, or ("loss" | "gradient", prompt ids) for the skip."""
         c, acc = self.cfg, self.acc
         t = c.training
-        units = select_units(forest, t.timestep_fraction, c.run.seed, it)
         counts = acc.gather(torch.tensor([len(units)], device=acc.device))
         if bool((counts != counts[0]).any()):
             raise RuntimeError(f"processes hold different numbers of training units {counts.tolist()}")
-        unit_prompt = forest.node_prompt[forest.src]  # local prompt position of every edge
         logs: dict[str, list] = {}
         # the model stays in eval mode: dropout would make the recomputed log-prob differ from the rollout's
         with self._training_forward():
@@ -487,7 +497,7 @@ class Trainer:
                     for j, mb in enumerate(batches):
                         sync = contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(self.model)
                         with sync, acc.autocast():
-                            loss, s = self._unit_loss(forest, mb, edge_adv[mb])
+                            loss, s = loss_fn(mb)
                             # global denominator: the sum over micro-batches (and the DDP mean over processes
                             # with equal unit counts) is the mean over every unit of the update
                             acc.backward(loss.sum() / len(update))
@@ -535,6 +545,36 @@ class Trainer:
             loss = loss + t.kl_beta * kl
             stats["kl"] = kl.detach()
         return loss, stats
+
+    def _nft_loss_fn(self, forest, units: nft.NFTUnits, unit_adv):
+        """DiffusionNFT's per-unit loss. v_old is the sampling policy's velocity: the current weights while the
+        iteration makes one update, else recorded for every unit before the first."""
+        c, t, policy = self.cfg, self.cfg.training, self.policy
+        r_all = nft_optimality(unit_adv, c.advantages.clip)
+        grid, device = forest.grid, policy.device
+
+        def v_at(mb):
+            x0, noise, tt, ts, pidx = nft.forward_process(units, mb, grid, device)
+            return nft.velocity(policy, forest.cond, x0, noise, tt, ts, pidx, c.sampling.guidance_scale), x0, noise, tt
+
+        v_old = None
+        if t.inner_epochs * t.updates_per_epoch > 1:
+            with torch.no_grad(), self.acc.autocast():
+                v_old = torch.cat([v_at(mb)[0] for mb in torch.split(torch.arange(len(units)), t.micro_batch_size)])
+
+        def loss_fn(mb):
+            v, x0, noise, tt = v_at(mb)
+            old = v.detach() if v_old is None else v_old[mb]
+            loss, s = nft_loss(v, old, x0, noise, tt, r_all[mb].to(v.device), t.nft_beta, t.nft_adaptive_weight)
+            stats = {"loss": loss.detach(), **s}
+            if t.kl_beta > 0:  # velocity-space penalty toward the base weights
+                with torch.no_grad(), self._reference():
+                    v_ref = v_at(mb)[0]
+                kl = (v - v_ref).pow(2).reshape(len(mb), -1).mean(1)
+                loss = loss + t.kl_beta * kl
+                stats["kl"] = kl.detach()
+            return loss, stats
+        return loss_fn
 
     @contextlib.contextmanager
     def _reference(self):

@@ -15,11 +15,12 @@ CHOICES = {
     "rewards.combine": ("sum_then_normalize", "normalize_then_sum"),
     "advantages.std": ("group", "global", "none"),
     "training.log_prob_reduction": ("mean", "sum"),
+    "training.objective": ("grpo", "nft"),
 }
 POSITIVE = ("run.iterations", "sampling.num_steps", "data.prompts_per_iteration", "training.lr",
             "training.inner_epochs", "training.updates_per_epoch", "training.micro_batch_size",
             "training.clip_eps_low", "finetune.lora_rank", "training.max_consecutive_skips",
-            "eval.num_prompts")
+            "eval.num_prompts", "training.nft_beta", "training.nft_timesteps")
 NON_NEGATIVE = ("run.save_every", "run.log_samples_every", "eval.every", "training.kl_beta",
                 "training.weight_decay", "training.max_grad_norm", "training.warmup_iterations",
                 "sampling.guidance_scale", "advantages.eps", "run.keep_checkpoints", "rewards.retries",
@@ -75,13 +76,19 @@ def validate(cfg: Config) -> None:
         scales = schedule.noise_scales(cfg.sampling.num_steps, 0)
     except ValueError as e:
         raise ConfigError(f"sampling.schedule: {e}") from None
-    if not bool((scales > 0).any()):
+    if cfg.training.objective == "grpo" and not bool((scales > 0).any()):
         raise ConfigError("sampling.schedule: no stochastic step, nothing to train")
     for k in plan.split_steps(cfg.sampling.num_steps):
         if scales[k] <= 0:
             raise ConfigError(f"sampling.plan: branches at step {k}, which sampling.schedule makes deterministic")
 
     family = builders.model_family(cfg.model.path)
+    if cfg.training.objective == "nft" and not (cfg.advantages.clip or 0) > 0:
+        raise ConfigError("advantages.clip: nft maps advantages to optimality probabilities r = clip(A, -C, C) / 2C "
+                          "+ 1/2 and needs a positive C")
+    if cfg.training.objective == "nft" and kernel.family != "flow":
+        raise ConfigError("training.objective: nft trains velocities on the rectified-flow forward process; it needs "
+                          "a flow model and kernel (SD3, FLUX)")
     if family != "unknown" and (family == "sd") != (kernel.family == "ddim"):
         raise ConfigError(f"sampling.kernel: {cfg.sampling.kernel['name']} does not fit a {family} model "
                           f"({'ddim' if family == 'sd' else 'a flow kernel: flow_sde, flow_sde_const, cps'})")

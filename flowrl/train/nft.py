@@ -1,0 +1,69 @@
+"""DiffusionNFT's training units (ALGORITHMS.md §6, ``training.objective: nft``).
+
+NFT needs no trajectory: each clean sample of the rollout (a leaf) is put back on the rectified-flow forward
+process ``x_t = (1 - t) x0 + t noise`` at ``K = training.nft_timesteps`` points per iteration, and the
+conditional velocity there is trained with ``flowrl.core.nft_loss``. Unit ``u`` is leaf ``u // K``, draw
+``u % K``; its step (a point of the sampling grid, so the model sees the timesteps it samples with) and noise
+come from streams keyed by (run seed, iteration, prompt id, sample within the prompt, draw), never by batch
+position. The sampler can be anything (the ODE is the usual choice); its log-probs are not used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from flowrl.sampling import Forest
+from flowrl.sampling.policy import Policy
+from flowrl.sampling.seeding import derive_seed, randn
+
+
+@dataclass
+class NFTUnits:
+    x0: Tensor            # (L, ...) clean latents of the leaves
+    leaf_prompt: Tensor   # (L,) local prompt position of each leaf
+    step: Tensor          # (L * K,) grid step of each unit
+    seeds: list[int]      # (L * K,) noise seed of each unit
+    K: int
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def unit_prompt(self) -> Tensor:
+        return self.leaf_prompt.repeat_interleave(self.K)
+
+
+def nft_units(forest: Forest, K: int, seed: int, iteration: int) -> NFTUnits:
+    leaves = forest.leaves()
+    leaf_prompt = forest.node_prompt[leaves]
+    S = forest.grid.num_steps
+    steps, seeds, seen = [], [], {}
+    for p in leaf_prompt.tolist():
+        pid = forest.prompt_ids[p]
+        i = seen[p] = seen.get(p, -1) + 1  # the sample's rank among its prompt's leaves (leaves are tree-ordered)
+        for j in range(K):
+            key = derive_seed(seed, iteration, pid, i, j, "nft")
+            g = torch.Generator().manual_seed(key)
+            steps.append(int(torch.randint(S, (1,), generator=g)))
+            seeds.append(key)
+    return NFTUnits(forest.latents[leaves], leaf_prompt, torch.tensor(steps), seeds, K)
+
+
+def forward_process(units: NFTUnits, mb: Tensor, grid, device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(x0, noise, t, model timesteps, local prompt) of the micro-batch's units, on ``device``."""
+    leaf = mb // units.K
+    x0 = units.x0[leaf].to(device, torch.float32)
+    noise = torch.stack([randn(x0.shape[1:], units.seeds[u], device) for u in mb.tolist()])
+    k = units.step[mb].to(device)
+    return x0, noise, grid.sigmas[k].float(), grid.timesteps[k], units.leaf_prompt[leaf].to(device)
+
+
+def velocity(policy: Policy, cond, x0: Tensor, noise: Tensor, t: Tensor, timesteps: Tensor, prompt_idx: Tensor,
+             guidance_scale: float) -> Tensor:
+    """The conditional velocity at ``x_t = (1 - t) x0 + t noise``: NFT trains without classifier-free guidance
+    (FLUX still gets its distilled guidance value through ``guidance_scale``)."""
+    tb = t.reshape(-1, *([1] * (x0.dim() - 1)))
+    x_t = (1 - tb) * x0 + tb * noise
+    return policy.forward(x_t.to(policy.dtype), timesteps, cond.take(prompt_idx), cond.shared, guidance_scale).float()
