@@ -641,7 +641,8 @@ class Trainer:
             reward_curve(self.rows, self.run_dir / "reward_curve.png")
             if self._before is not None:  # the same prompts and seeds before and after training, one row each
                 after = self._eval_images(list(range(len(self._before))))
-                save_grid(torch.cat([self._before, after]), self.run_dir / "samples" / "before_after.png",
+                # a resumed run reads "before" back from its PNG, on the CPU
+                save_grid(torch.cat([self._before.cpu(), after.cpu()]), self.run_dir / "samples" / "before_after.png",
                           cols=len(self._before))
             with self._ema_weights():
                 denoiser = acc.unwrap_model(self.model)
