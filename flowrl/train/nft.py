@@ -61,9 +61,13 @@ def forward_process(units: NFTUnits, mb: Tensor, grid, device) -> tuple[Tensor, 
 
 
 def velocity(policy: Policy, cond, x0: Tensor, noise: Tensor, t: Tensor, timesteps: Tensor, prompt_idx: Tensor,
-             guidance_scale: float) -> Tensor:
-    """The conditional velocity at ``x_t = (1 - t) x0 + t noise``: NFT trains without classifier-free guidance
-    (FLUX still gets its distilled guidance value through ``guidance_scale``)."""
+             guidance_scale: float, guided: bool) -> Tensor:
+    """The velocity at ``x_t = (1 - t) x0 + t noise``. ``guided``: the classifier-free-guided velocity the sampler
+    uses, so the trained and the sampling policy are one; else the conditional velocity alone (the paper's
+    CFG-free training, meant for sampling without guidance: trained toward guided samples and then guided
+    again, the guidance compounds from one iteration to the next)."""
     tb = t.reshape(-1, *([1] * (x0.dim() - 1)))
     x_t = (1 - tb) * x0 + tb * noise
+    if guided:
+        return policy.predict(x_t, timesteps, cond, prompt_idx, guidance_scale)
     return policy.forward(x_t.to(policy.dtype), timesteps, cond.take(prompt_idx), cond.shared, guidance_scale).float()

@@ -555,7 +555,8 @@ class Trainer:
 
         def v_at(mb):
             x0, noise, tt, ts, pidx = nft.forward_process(units, mb, grid, device)
-            return nft.velocity(policy, forest.cond, x0, noise, tt, ts, pidx, c.sampling.guidance_scale), x0, noise, tt
+            v = nft.velocity(policy, forest.cond, x0, noise, tt, ts, pidx, c.sampling.guidance_scale, t.nft_guided)
+            return v, x0, noise, tt
 
         v_old = None
         if t.inner_epochs * t.updates_per_epoch > 1:

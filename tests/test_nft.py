@@ -1,0 +1,133 @@
+"""DiffusionNFT (training.objective: nft): the loss against its closed forms, units keyed by identity, and the
+trainer raising a reward with it."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowrl.core import nft_loss, nft_optimality
+from flowrl.sampling import Constant, Flat, FlowSDE, rollout
+from flowrl.sampling.analytic import GaussianFlowPolicy
+from flowrl.train.nft import forward_process, nft_units
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _batch(n=6, shape=(3, 4, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0, noise, v_old = (torch.randn(n, *shape, generator=g) for _ in range(3))
+    t = torch.rand(n, generator=g) * 0.9 + 0.05
+    return x0, noise, v_old, t
+
+
+def test_optimality_probability():
+    adv = torch.tensor([-9.0, -5.0, -1.0, 0.0, 2.5, 5.0, 7.0])
+    assert torch.allclose(nft_optimality(adv, 5.0), torch.tensor([0.0, 0.0, 0.4, 0.5, 0.75, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="positive clip"):
+        nft_optimality(adv, 0.0)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.3])
+def test_plain_loss_minimiser_is_a_step_toward_good_and_away_from_bad_samples(beta):
+    """With the plain velocity error the loss is quadratic in v; its minimiser is
+    v* = v_old + (2r - 1) / beta * (target - v_old), so the gradient vanishes exactly there."""
+    x0, noise, v_old, t = _batch()
+    r = torch.tensor([0.0, 0.2, 0.5, 0.6, 0.9, 1.0])
+    target = noise - x0
+    v_star = v_old + ((2 * r - 1) / beta).reshape(-1, 1, 1, 1) * (target - v_old)
+    v = v_star.clone().requires_grad_(True)
+    loss, _ = nft_loss(v, v_old, x0, noise, t, r, beta, adaptive=False)
+    (grad,) = torch.autograd.grad(loss.sum(), v)
+    assert float(grad.abs().max()) < 1e-5
+    # and it is a minimum: any other v scores higher
+    worse, _ = nft_loss(v_star + 0.1 * torch.randn_like(v_star), v_old, x0, noise, t, r, beta, adaptive=False)
+    assert bool((worse > loss.detach()).all())
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_on_policy_gradient_is_advantage_weighted_flow_matching(adaptive):
+    """At v = v_old the gradient is 2 (2r - 1) (v - target) / D per sample, times t^2 / w with the adaptive
+    x0-space error (w = the detached mean |x0_hat - x0|); r = 1/2 (an average sample) gives exactly none."""
+    x0, noise, v_old, t = _batch(seed=1)
+    r = torch.tensor([0.5, 0.1, 0.3, 0.7, 0.9, 1.0])
+    v = v_old.clone().requires_grad_(True)
+    loss, stats = nft_loss(v, v_old, x0, noise, t, r, beta=0.5, adaptive=adaptive)
+    (grad,) = torch.autograd.grad(loss.sum(), v)
+    target = noise - x0
+    D = x0[0].numel()
+    expect = 2 * (2 * r - 1).reshape(-1, 1, 1, 1) * (v_old - target) / D
+    if adaptive:
+        tb = t.reshape(-1, 1, 1, 1)
+        w = (tb * (target - v_old)).abs().reshape(len(t), -1).mean(1).reshape(-1, 1, 1, 1)
+        expect = expect * tb**2 / w
+    assert torch.allclose(grad, expect, atol=1e-6, rtol=1e-4)
+    assert float(grad[0].abs().max()) < 1e-7  # rounding of (1 -+ beta) v_old +- beta v only
+    # on-policy the implicit positive and negative policies are both v_old: equal errors
+    assert torch.allclose(stats["nft_pos"], stats["nft_neg"])
+
+
+def test_loss_hand_value():
+    x0, noise, t = torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([0.5])
+    v_old, v = torch.zeros(1, 2), torch.full((1, 2), 0.5)
+    # beta 1: v+ = v = 0.5, v- = 2 v_old - v = -0.5; target 1: errors 0.25 and 2.25
+    loss, _ = nft_loss(v, v_old, x0, noise, t, torch.tensor([0.75]), 1.0, adaptive=False)
+    assert loss.item() == pytest.approx(0.75 * 0.25 + 0.25 * 2.25)
+
+
+def test_units_are_keyed_by_identity_not_batch_position():
+    """A prompt's samples get the same forward-process draws (step, noise) whatever else is in the batch."""
+    policy = GaussianFlowPolicy(torch.randn(1, 16).expand(3, 16), s0=0.5, shift=1.0)  # one mean: x0 by noise
+    kw = dict(plan=Flat(4), kernel=FlowSDE(a=0.7), schedule=Constant(0.0), num_steps=6, seed=3, iteration=2)
+    both = rollout(policy, ["a", "b"], prompt_ids=[10, 11], **kw)
+    alone = rollout(policy, ["b"], prompt_ids=[11], **kw)
+    u_both, u_alone = nft_units(both, 3, seed=0, iteration=5), nft_units(alone, 3, seed=0, iteration=5)
+    assert len(u_both) == 2 * 4 * 3 and len(u_alone) == 4 * 3
+    mine = torch.arange(12, 24)  # prompt 11's units in the two-prompt batch
+    assert torch.equal(u_both.step[mine], u_alone.step) and u_both.seeds[12:] == u_alone.seeds
+    x0_a, n_a, t_a, _, _ = forward_process(u_both, mine, both.grid, "cpu")
+    x0_b, n_b, t_b, _, _ = forward_process(u_alone, torch.arange(12), alone.grid, "cpu")
+    assert torch.equal(n_a, n_b) and torch.equal(t_a, t_b) and torch.equal(x0_a, x0_b)
+    assert len(set(u_both.seeds)) == len(u_both)  # every draw its own stream
+    assert not torch.equal(nft_units(both, 3, seed=0, iteration=6).step, u_both.step)
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_nft_raises_the_reward(tmp_path, updates):
+    """The tiny smoke recipe with NFT instead of the clipped surrogate: ODE rollouts, brightness rises clearly;
+    with two updates per iteration the recorded v_old makes the first update's losses on-policy."""
+    run = tmp_path / "run"
+    sets = [f"run.output_dir={run}", "run.iterations=16", "eval.every=0", "run.progress=false",
+            "training.objective=nft", "sampling.schedule={name: constant, scale: 0.0}", "training.lr=1e-2",
+            f"training.updates_per_epoch={updates}"]
+    res = subprocess.run([sys.executable, "-m", "flowrl.cli", "train", str(ROOT / "configs" / "tiny_smoke.yaml")]
+                         + [a for s in sets for a in ("--set", s)], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all("nft_pos" in r and "clip_frac" not in r for r in rows)
+    n = 3 * 32
+
+    def mean_and_se(rs):
+        return (sum(r["reward/mean"] for r in rs) / len(rs),
+                math.sqrt(sum(r["reward/brightness_std"] ** 2 for r in rs) / len(rs) / n))
+
+    (m0, se0), (m1, se1) = mean_and_se(rows[:3]), mean_and_se(rows[-3:])
+    assert m1 - m0 > 3 * math.sqrt(se0**2 + se1**2), (m0, m1, se0, se1)
+    assert rows[0]["nfe"] == 4 * 8 * 8  # ODE rollouts: prompts x G x steps
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_nft_config_errors(tmp_path):
+    base = [sys.executable, "-m", "flowrl.cli", "train", str(ROOT / "configs" / "tiny_smoke.yaml"), "--set",
+            f"run.output_dir={tmp_path / 'r'}", "--set", "training.objective=nft"]
+    for extra, needle in ((["--set", "advantages.clip=null"], "advantages.clip"),
+                          (["--set", "training.objective=ppo"], "training.objective"),
+                          (["--set", "training.nft_beta=0"], "training.nft_beta")):
+        res = subprocess.run(base + extra, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and needle in res.stderr, res.stderr
