@@ -149,3 +149,25 @@ def test_nft_config_errors(tmp_path):
                           (["--set", "training.nft_beta=0"], "training.nft_beta")):
         res = subprocess.run(base + extra, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and needle in res.stderr, res.stderr
+
+
+def test_guided_velocity_is_the_samplers_and_conditional_is_one_branch():
+    """``guided``: v_u + w (v_c - v_u), what a guided sampler steps with; otherwise the conditional branch."""
+    from flowrl.models import load_policy
+    from flowrl.train.nft import velocity
+
+    policy = load_policy("tiny:sd3", max_sequence_length=32)
+    cond = policy.encode(["a red cube", "a blue ball"], negative_prompt="")
+    g = torch.Generator().manual_seed(0)
+    shape = (2, *policy.latent_shape(32, 32))
+    x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t, ts, idx = torch.tensor([0.3, 0.8]), torch.tensor([300.0, 800.0]), torch.tensor([1, 0])
+    with torch.no_grad():
+        guided = velocity(policy, cond, x0, noise, t, ts, idx, 4.5, guided=True)
+        plain = velocity(policy, cond, x0, noise, t, ts, idx, 4.5, guided=False)
+        x_t = (1 - t.reshape(-1, 1, 1, 1)) * x0 + t.reshape(-1, 1, 1, 1) * noise
+        v_c = policy.forward(x_t, ts, cond.take(idx), cond.shared, 4.5).float()
+        v_u = policy.forward(x_t, ts, cond.take(idx, "uncond"), cond.shared, 4.5).float()
+    assert torch.allclose(plain, v_c, atol=1e-6)
+    assert torch.allclose(guided, v_u + 4.5 * (v_c - v_u), atol=1e-4)
+    assert not torch.allclose(guided, plain, atol=1e-3)

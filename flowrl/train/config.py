@@ -116,8 +116,8 @@ class TrainingConfig:
     nft_beta: float = 1.0                # nft: step of the implicit positive / negative policies v+- (losses.nft_loss)
     nft_timesteps: int = 2               # nft: forward-process draws (t, noise) per sample per iteration
     nft_adaptive_weight: bool = True     # nft: x0-space error over its detached mean (the paper's weighting)
-    nft_guided: bool = True              # nft: train the CFG-guided velocity the sampler uses (false: the
-                                         # conditional one, the paper's CFG-free training; nft.velocity says why)
+    nft_guided: bool = False             # nft: train the CFG-guided velocity the sampler uses (default: the
+                                         # conditional one, the paper's CFG-free training; nft.velocity says more)
     max_consecutive_skips: int = 3       # iterations in a row skipped for a non-finite reward / advantage / loss /
                                          # gradient before the run stops (with a checkpoint of the last good state)
 

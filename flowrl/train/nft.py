@@ -63,9 +63,9 @@ def forward_process(units: NFTUnits, mb: Tensor, grid, device) -> tuple[Tensor, 
 def velocity(policy: Policy, cond, x0: Tensor, noise: Tensor, t: Tensor, timesteps: Tensor, prompt_idx: Tensor,
              guidance_scale: float, guided: bool) -> Tensor:
     """The velocity at ``x_t = (1 - t) x0 + t noise``. ``guided``: the classifier-free-guided velocity the sampler
-    uses, so the trained and the sampling policy are one; else the conditional velocity alone (the paper's
-    CFG-free training, meant for sampling without guidance: trained toward guided samples and then guided
-    again, the guidance compounds from one iteration to the next)."""
+    uses, so the loss sees exactly the policy that samples (two branches per call). Otherwise the conditional
+    velocity alone, the paper's CFG-free training (one branch): under a guided sampler a change d of the
+    conditional velocity moves the sampling velocity by w * d, so the learning rate acts w times larger."""
     tb = t.reshape(-1, *([1] * (x0.dim() - 1)))
     x_t = (1 - tb) * x0 + tb * noise
     if guided:
