@@ -40,3 +40,23 @@ def test_toy_flowgrpo_machinery(tmp_path):
             assert len(group) == 8 and abs(float(group.sum())) < 1e-4
     for name in ("reward_curve.png", "samples/before_after.png", "lora/pytorch_lora_weights.safetensors"):
         assert (run / name).is_file(), name
+
+
+@pytest.mark.skipif(not HAVE_BASE, reason="the shapes-world base is not built (scripts/pretrain_toy.py)")
+def test_toy_nft_machinery(tmp_path):
+    """The README's main recipe (DiffusionNFT) for two iterations: ODE rollouts under CFG (two passes a step),
+    group-relative optimality probabilities averaging 1/2, four updates per iteration, the run folder's outputs."""
+    run = tmp_path / "toy_nft"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "flowrl.cli", "train", str(ROOT / "configs" / "toy_nft.yaml"),
+                          "--set", f"run.output_dir={run}", "--set", "run.iterations=2",
+                          "--set", "data.prompts_per_iteration=4", "--set", "eval.every=2",
+                          "--set", "eval.num_prompts=8", "--set", "run.progress=false"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["nft_r"] == pytest.approx(0.5, abs=1e-5) for r in rows)
+    assert rows[0]["nfe"] == 4 * 8 * 10 * 2 and 0 <= rows[0]["reward/shapes_mean"] <= 1
+    assert "eval/shapes_mean" in rows[1]
+    for name in ("reward_curve.png", "samples/before_after.png", "lora/pytorch_lora_weights.safetensors"):
+        assert (run / name).is_file(), name
