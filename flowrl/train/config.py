@@ -110,7 +110,8 @@ class TrainingConfig:
     micro_batch_size: int = 8            # training units (denoising steps) per forward/backward per process
     clip_eps_low: float = 1e-4           # for mean-reduced log-probs
     clip_eps_high: float | None = None   # None: = clip_eps_low
-    kl_beta: float = 0.0                 # closed-form Gaussian KL to the base weights (adapter off)
+    kl_beta: float = 0.0                 # KL to the base weights (adapter off): closed-form Gaussian for grpo,
+                                         # squared guided-velocity difference for nft
     timestep_fraction: float = 1.0       # fraction of each trajectory's stochastic steps trained (DanceGRPO)
     log_prob_reduction: str = "mean"
     nft_beta: float = 1.0                # nft: step of the implicit positive / negative policies v+- (losses.nft_loss)

@@ -553,9 +553,9 @@ class Trainer:
         r_all = nft_optimality(unit_adv, c.advantages.clip)
         grid, device = forest.grid, policy.device
 
-        def v_at(mb):
+        def v_at(mb, guided=t.nft_guided):
             x0, noise, tt, ts, pidx = nft.forward_process(units, mb, grid, device)
-            v = nft.velocity(policy, forest.cond, x0, noise, tt, ts, pidx, c.sampling.guidance_scale, t.nft_guided)
+            v = nft.velocity(policy, forest.cond, x0, noise, tt, ts, pidx, c.sampling.guidance_scale, guided)
             return v, x0, noise, tt
 
         v_old = None
@@ -568,10 +568,14 @@ class Trainer:
             old = v.detach() if v_old is None else v_old[mb]
             loss, s = nft_loss(v, old, x0, noise, tt, r_all[mb].to(v.device), t.nft_beta, t.nft_adaptive_weight)
             stats = {"loss": loss.detach(), **s}
-            if t.kl_beta > 0:  # velocity-space penalty toward the base weights
+            if t.kl_beta > 0:
+                # velocity-space penalty toward the base weights on the velocity the sampler uses (guided under
+                # CFG): the conditional one alone would leave the unconditional branch, which LoRA also moves,
+                # free to drift
+                v_pol = v if t.nft_guided else v_at(mb, guided=True)[0]
                 with torch.no_grad(), self._reference():
-                    v_ref = v_at(mb)[0]
-                kl = (v - v_ref).pow(2).reshape(len(mb), -1).mean(1)
+                    v_ref = v_at(mb, guided=True)[0]
+                kl = (v_pol - v_ref).pow(2).reshape(len(mb), -1).mean(1)
                 loss = loss + t.kl_beta * kl
                 stats["kl"] = kl.detach()
             return loss, stats
