@@ -154,7 +154,7 @@ def test_nft_config_errors(tmp_path):
 def test_guided_velocity_is_the_samplers_and_conditional_is_one_branch():
     """``guided``: v_u + w (v_c - v_u), what a guided sampler steps with; otherwise the conditional branch."""
     from flowrl.models import load_policy
-    from flowrl.train.nft import velocity
+    from flowrl.train.nft import guide, velocity
 
     policy = load_policy("tiny:sd3", max_sequence_length=32)
     cond = policy.encode(["a red cube", "a blue ball"], negative_prompt="")
@@ -171,6 +171,8 @@ def test_guided_velocity_is_the_samplers_and_conditional_is_one_branch():
     assert torch.allclose(plain, v_c, atol=1e-6)
     assert torch.allclose(guided, v_u + 4.5 * (v_c - v_u), atol=1e-4)
     assert not torch.allclose(guided, plain, atol=1e-3)
+    with torch.no_grad():  # the guided velocity rebuilt from the conditional one (the KL term's shortcut)
+        assert torch.allclose(guide(policy, cond, x0, noise, t, ts, idx, 4.5, plain), guided, atol=1e-5)
 
 
 def test_kl_holds_the_guided_velocity_to_the_base(tmp_path, monkeypatch):
@@ -193,6 +195,7 @@ def test_kl_holds_the_guided_velocity_to_the_base(tmp_path, monkeypatch):
     monkeypatch.setattr(nft_mod, "velocity", spy)
     trainer = trainer_mod.Trainer(cfg)
     rows = [trainer.iteration(0), trainer.iteration(1)]
-    # per micro-batch (64 units, 32 a batch): the trained conditional velocity, its guided twin, the reference's
-    assert guided_calls[:6] == [False, True, True] * 2
+    # per micro-batch (64 units, 32 a batch): the trained conditional velocity (its guided twin adds only the
+    # unconditional pass), then the reference's guided velocity
+    assert guided_calls[:4] == [False, True] * 2
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0 and not any("skipped" in r for r in rows)

@@ -60,14 +60,29 @@ def forward_process(units: NFTUnits, mb: Tensor, grid, device) -> tuple[Tensor, 
     return x0, noise, grid.sigmas[k].float(), grid.timesteps[k], units.leaf_prompt[leaf].to(device)
 
 
+def _x_t(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    tb = t.reshape(-1, *([1] * (x0.dim() - 1)))
+    return (1 - tb) * x0 + tb * noise
+
+
 def velocity(policy: Policy, cond, x0: Tensor, noise: Tensor, t: Tensor, timesteps: Tensor, prompt_idx: Tensor,
              guidance_scale: float, guided: bool) -> Tensor:
     """The velocity at ``x_t = (1 - t) x0 + t noise``. ``guided``: the classifier-free-guided velocity the sampler
     uses, so the loss sees exactly the policy that samples (two branches per call). Otherwise the conditional
     velocity alone, the paper's CFG-free training (one branch): under a guided sampler a change d of the
     conditional velocity moves the sampling velocity by w * d, so the learning rate acts w times larger."""
-    tb = t.reshape(-1, *([1] * (x0.dim() - 1)))
-    x_t = (1 - tb) * x0 + tb * noise
+    x_t = _x_t(x0, noise, t)
     if guided:
         return policy.predict(x_t, timesteps, cond, prompt_idx, guidance_scale)
     return policy.forward(x_t.to(policy.dtype), timesteps, cond.take(prompt_idx), cond.shared, guidance_scale).float()
+
+
+def guide(policy: Policy, cond, x0: Tensor, noise: Tensor, t: Tensor, timesteps: Tensor, prompt_idx: Tensor,
+          guidance_scale: float, v_cond: Tensor) -> Tensor:
+    """The sampler's guided velocity from an already computed conditional one (one more, unconditional, pass)."""
+    if not policy.uses_cfg(cond, guidance_scale):
+        return v_cond
+    x_t = _x_t(x0, noise, t)
+    v_u = policy.forward(x_t.to(policy.dtype), timesteps, cond.take(prompt_idx, "uncond"), cond.shared,
+                         guidance_scale).float()
+    return v_u + policy.cfg_weight(guidance_scale) * (v_cond - v_u)

@@ -554,9 +554,8 @@ class Trainer:
         grid, device = forest.grid, policy.device
 
         def v_at(mb, guided=t.nft_guided):
-            x0, noise, tt, ts, pidx = nft.forward_process(units, mb, grid, device)
-            v = nft.velocity(policy, forest.cond, x0, noise, tt, ts, pidx, c.sampling.guidance_scale, guided)
-            return v, x0, noise, tt
+            draw = nft.forward_process(units, mb, grid, device)  # x0, noise, t, timesteps, prompt
+            return nft.velocity(policy, forest.cond, *draw, c.sampling.guidance_scale, guided), draw
 
         v_old = None
         if t.inner_epochs * t.updates_per_epoch > 1:
@@ -564,7 +563,8 @@ class Trainer:
                 v_old = torch.cat([v_at(mb)[0] for mb in torch.split(torch.arange(len(units)), t.micro_batch_size)])
 
         def loss_fn(mb):
-            v, x0, noise, tt = v_at(mb)
+            v, draw = v_at(mb)
+            x0, noise, tt = draw[:3]
             old = v.detach() if v_old is None else v_old[mb]
             loss, s = nft_loss(v, old, x0, noise, tt, r_all[mb].to(v.device), t.nft_beta, t.nft_adaptive_weight)
             stats = {"loss": loss.detach(), **s}
@@ -572,7 +572,7 @@ class Trainer:
                 # velocity-space penalty toward the base weights on the velocity the sampler uses (guided under
                 # CFG): the conditional one alone would leave the unconditional branch, which LoRA also moves,
                 # free to drift
-                v_pol = v if t.nft_guided else v_at(mb, guided=True)[0]
+                v_pol = v if t.nft_guided else nft.guide(policy, forest.cond, *draw, c.sampling.guidance_scale, v)
                 with torch.no_grad(), self._reference():
                     v_ref = v_at(mb, guided=True)[0]
                 kl = (v_pol - v_ref).pow(2).reshape(len(mb), -1).mean(1)
