@@ -123,19 +123,20 @@ def test_nft_raises_the_reward(tmp_path):
 def test_several_updates_regress_against_the_sampling_policy(tmp_path, monkeypatch):
     """With two updates per iteration v_old is recorded before the first: that update is on-policy (v = v_old
     exactly), the second sees the moved weights against the same v_old."""
+    from flowrl.train import nft as nft_mod
     from flowrl.train import trainer as trainer_mod
     from flowrl.train.config import load_config
 
     cfg = load_config(str(ROOT / "configs" / "tiny_smoke.yaml"), [
         f"run.output_dir={tmp_path / 'run'}", "training.objective=nft", "training.updates_per_epoch=2",
         "sampling.schedule={name: constant, scale: 0.0}", "eval.every=0", "run.progress=false"])
-    gaps, real = [], trainer_mod.nft_loss
+    gaps, real = [], nft_mod.nft_loss
 
     def spy(v, v_old, *args, **kw):
         gaps.append(float((v.detach() - v_old).abs().max()))
         return real(v, v_old, *args, **kw)
 
-    monkeypatch.setattr(trainer_mod, "nft_loss", spy)
+    monkeypatch.setattr(nft_mod, "nft_loss", spy)
     row = trainer_mod.Trainer(cfg).iteration(0)
     assert len(gaps) == 2 and gaps[0] == 0.0 and gaps[1] > 1e-3, gaps  # 64 units, micro-batches of 32
     assert "skipped" not in row and row["nft_r"] == pytest.approx(0.5, abs=1e-6)

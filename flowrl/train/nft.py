@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowrl.core import nft_loss, nft_optimality
 from flowrl.sampling import Forest
 from flowrl.sampling.policy import Policy
 from flowrl.sampling.seeding import derive_seed, randn
@@ -86,3 +87,41 @@ def guide(policy: Policy, cond, x0: Tensor, noise: Tensor, t: Tensor, timesteps:
     v_u = policy.forward(x_t.to(policy.dtype), timesteps, cond.take(prompt_idx, "uncond"), cond.shared,
                          guidance_scale).float()
     return v_u + policy.cfg_weight(guidance_scale) * (v_cond - v_u)
+
+
+def loss_fn(policy: Policy, forest: Forest, units: NFTUnits, unit_adv: Tensor, cfg, reference, autocast):
+    """The iteration's per-unit loss ``fn(unit ids) -> (losses, stats)`` for the trainer's update loop.
+
+    v_old is the sampling policy's velocity: the current weights while the iteration makes one update, else
+    recorded for every unit before the first. ``reference``: a context manager under which ``policy`` is the
+    base model (the KL term); ``autocast``: the accelerator's.
+    """
+    t, gs = cfg.training, cfg.sampling.guidance_scale
+    r_all = nft_optimality(unit_adv, cfg.advantages.clip)
+
+    def v_at(mb, guided=t.nft_guided):
+        draw = forward_process(units, mb, forest.grid, policy.device)  # x0, noise, t, timesteps, prompt
+        return velocity(policy, forest.cond, *draw, gs, guided), draw
+
+    v_old = None
+    if t.inner_epochs * t.updates_per_epoch > 1:
+        with torch.no_grad(), autocast():
+            v_old = torch.cat([v_at(mb)[0] for mb in torch.split(torch.arange(len(units)), t.micro_batch_size)])
+
+    def fn(mb):
+        v, draw = v_at(mb)
+        x0, noise, tt = draw[:3]
+        old = v.detach() if v_old is None else v_old[mb]
+        loss, s = nft_loss(v, old, x0, noise, tt, r_all[mb].to(v.device), t.nft_beta, t.nft_adaptive_weight)
+        stats = {"loss": loss.detach(), **s}
+        if t.kl_beta > 0:
+            # penalty toward the base weights on the velocity the sampler uses (guided under CFG): the
+            # conditional one alone would leave the unconditional branch, which LoRA also moves, free to drift
+            v_pol = v if t.nft_guided else guide(policy, forest.cond, *draw, gs, v)
+            with torch.no_grad(), reference():
+                v_ref = v_at(mb, guided=True)[0]
+            kl = (v_pol - v_ref).pow(2).reshape(len(mb), -1).mean(1)
+            loss = loss + t.kl_beta * kl
+            stats["kl"] = kl.detach()
+        return loss, stats
+    return fn

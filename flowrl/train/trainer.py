@@ -29,8 +29,6 @@ from flowrl.core import (
     combine_rewards,
     group_ids,
     kl_gaussian_mean,
-    nft_loss,
-    nft_optimality,
 )
 from flowrl.models import FAMILY_OF_PIPELINE, load_pipeline, policy_from_pipeline
 from flowrl.sampling import Constant, Flat, rollout, score_edges
@@ -435,7 +433,7 @@ class Trainer:
             nft_units = nft.nft_units(forest, c.training.nft_timesteps, c.run.seed, it)
             units, unit_prompt = torch.arange(len(nft_units)), nft_units.unit_prompt
             unit_adv = leaf_adv.repeat_interleave(nft_units.K)
-            loss_fn = self._nft_loss_fn(forest, nft_units, unit_adv)
+            loss_fn = nft.loss_fn(self.policy, forest, nft_units, unit_adv, c, self._reference, self.acc.autocast)
         else:  # grpo: the trainable SDE steps, each with its trajectory's advantage
             units = select_units(forest, c.training.timestep_fraction, c.run.seed, it)
             unit_adv, unit_prompt = broadcast_advantages(forest, leaf_adv), forest.node_prompt[forest.src]
@@ -545,41 +543,6 @@ class Trainer:
             loss = loss + t.kl_beta * kl
             stats["kl"] = kl.detach()
         return loss, stats
-
-    def _nft_loss_fn(self, forest, units: nft.NFTUnits, unit_adv):
-        """DiffusionNFT's per-unit loss. v_old is the sampling policy's velocity: the current weights while the
-        iteration makes one update, else recorded for every unit before the first."""
-        c, t, policy = self.cfg, self.cfg.training, self.policy
-        r_all = nft_optimality(unit_adv, c.advantages.clip)
-        grid, device = forest.grid, policy.device
-
-        def v_at(mb, guided=t.nft_guided):
-            draw = nft.forward_process(units, mb, grid, device)  # x0, noise, t, timesteps, prompt
-            return nft.velocity(policy, forest.cond, *draw, c.sampling.guidance_scale, guided), draw
-
-        v_old = None
-        if t.inner_epochs * t.updates_per_epoch > 1:
-            with torch.no_grad(), self.acc.autocast():
-                v_old = torch.cat([v_at(mb)[0] for mb in torch.split(torch.arange(len(units)), t.micro_batch_size)])
-
-        def loss_fn(mb):
-            v, draw = v_at(mb)
-            x0, noise, tt = draw[:3]
-            old = v.detach() if v_old is None else v_old[mb]
-            loss, s = nft_loss(v, old, x0, noise, tt, r_all[mb].to(v.device), t.nft_beta, t.nft_adaptive_weight)
-            stats = {"loss": loss.detach(), **s}
-            if t.kl_beta > 0:
-                # velocity-space penalty toward the base weights on the velocity the sampler uses (guided under
-                # CFG): the conditional one alone would leave the unconditional branch, which LoRA also moves,
-                # free to drift
-                v_pol = v if t.nft_guided else nft.guide(policy, forest.cond, *draw, c.sampling.guidance_scale, v)
-                with torch.no_grad(), self._reference():
-                    v_ref = v_at(mb, guided=True)[0]
-                kl = (v_pol - v_ref).pow(2).reshape(len(mb), -1).mean(1)
-                loss = loss + t.kl_beta * kl
-                stats["kl"] = kl.detach()
-            return loss, stats
-        return loss_fn
 
     @contextlib.contextmanager
     def _reference(self):
