@@ -12,13 +12,15 @@ from flowrl.toy import geneval
 
 from .base import Reward, register
 
-MODES = ("dense", "binary")
+MODES = ("dense", "soft", "binary")
 
 
 @register("shapes")
 class ShapesReward(Reward):
     """Main score: the dense GenEval score (fraction of the prompt's requirements met, in [0, 1]) with
-    ``mode="dense"``, or GenEval's verdict as 0/1 with ``mode="binary"``. Extra ``correct``: the 0/1 verdict.
+    ``mode="dense"``; the same with near-miss shapes counted in part (``geneval.soft_weight``) with
+    ``mode="soft"``; or GenEval's verdict as 0/1 with ``mode="binary"``. Extras: ``correct`` (the 0/1 verdict)
+    and, in soft mode, ``dense``.
 
     Dense is the default because a group of samples that all fail GenEval's binary check would give
     group-relative advantages of zero; partial credit (one of two objects, three of four circles) still ranks them.
@@ -36,9 +38,12 @@ class ShapesReward(Reward):
             if not m or "tag" not in m or "include" not in m:
                 raise ValueError(f"reward {self.name!r}: prompt {p!r} has no shapes-world GenEval metadata (need "
                                  f"'tag' and 'include' as in flowrl.toy.world.all_prompts), got {dict(m)!r}")
-        grades = geneval.grade_batch(images, [dict(m) for m in metadata])
+        grades = geneval.grade_batch(images, [dict(m) for m in metadata], soft=self.mode == "soft")
         correct = torch.tensor([float(g["correct"]) for g in grades], dtype=torch.float32)
         dense = torch.tensor([g["score"] for g in grades], dtype=torch.float32)
+        if self.mode == "soft":
+            soft = torch.tensor([g["soft_score"] for g in grades], dtype=torch.float32)
+            return {"score": soft, "dense": dense, "correct": correct}
         return {"score": dense if self.mode == "dense" else correct, "correct": correct}
 
 

@@ -168,4 +168,47 @@ def test_reward_keys_modes_and_errors(truth):
     with pytest.raises(ValueError, match="a lost prompt"):
         build_reward("shapes")(x[:1], ["a lost prompt"], None)
     with pytest.raises(ValueError, match="mode"):
-        build_reward("shapes", mode="soft")
+        build_reward("shapes", mode="fuzzy")
+    soft = build_reward("shapes", mode="soft")(x, prompts, metas)
+    assert set(soft) == {"shapes", "shapes/dense", "shapes/correct"}
+    assert soft["shapes/dense"].tolist() == out["shapes"].tolist() and soft["shapes"].tolist() == [1, 1, 1, 0]
+
+
+def _notched_square(k):
+    """A red 12 px square missing a k x k corner: a near miss of a square for k = 5 (IoU 0.73), full for k <= 4."""
+    x = torch.zeros(1, 3, 32, 32)
+    x[0, :, 10:22, 10:22] = torch.tensor(world.COLORS["red"]).view(3, 1, 1)
+    x[0, :, 10:10 + k, 10:10 + k] = 0
+    return x
+
+
+def test_soft_score_credits_near_misses_and_equals_dense_on_truth(truth):
+    for tag, (x, m) in truth.items():   # every true shape is a full detection: soft == dense
+        assert all(g["soft_score"] == g["score"] for g in geneval.grade_batch(x[:40], m[:40], soft=True)), tag
+    meta = world.metadata_of(meta_of("a red square"))
+    near = _notched_square(5)
+    (d,), = detector.detect_batch(near, min_iou=geneval.SOFT_IOU)
+    assert d.shape == "square" and geneval.SOFT_IOU < d.iou < detector.MIN_IOU
+    assert detector.detect_batch(near) == [[]]
+    g = geneval.grade_batch(near, [meta], soft=True)[0]
+    assert not g["correct"] and g["score"] == 0 and g["soft_score"] == pytest.approx(geneval.soft_weight(d.iou))
+    assert 0 < g["soft_score"] < 1
+    # a smaller notch scores higher (a full detection at k = 4); black scores nothing
+    closer = geneval.grade_batch(_notched_square(4), [meta], soft=True)[0]
+    assert g["soft_score"] < closer["soft_score"] == closer["score"] == 1
+    assert geneval.grade_batch(torch.zeros(1, 3, 32, 32), [meta], soft=True)[0]["soft_score"] == 0
+    assert geneval.soft_weight(geneval.SOFT_IOU) == 0 and geneval.soft_weight(detector.MIN_IOU) == 1
+
+
+def test_weighted_requirements_by_hand():
+    def det(shape, cx, w=1.0):
+        return detector.Detection("red", shape, (cx, 16), (cx - 4, 12, cx + 4, 20), 64, 1.0), w
+    two = world.metadata_of(meta_of("two red triangles"))
+    dets, ws = zip(det("triangle", 6), det("triangle", 24, 0.5))
+    assert geneval.requirements(list(dets), two, list(ws)) == [pytest.approx(1 - 0.5 / 2)]
+    assert geneval.requirements(list(dets), two) == [1.0]                     # unweighted: exactly two
+    rel = world.metadata_of(meta_of("a red circle left of a blue square"))
+    pairs = [det("circle", 6), det("square", 24, 0.5), det("square", 2, 0.5)]   # one pair holds, one is reversed
+    dets, ws = zip(*pairs)
+    # circle count 1, relation: weighted pairs 0.5 holding / (0.5 + 0.5), square count 0.5 + 0.5
+    assert geneval.requirements(list(dets), rel, list(ws)) == [1.0, pytest.approx(0.5), 1.0]

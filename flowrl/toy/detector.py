@@ -141,8 +141,9 @@ def shape_scores(a: np.ndarray, y0: int, x0: int) -> dict[str, float]:
     return dict(zip(world.SHAPES, iou.max(axis=0).tolist()))
 
 
-def detect_batch(images: torch.Tensor) -> list[list[Detection]]:
-    """Detections for each image of (N, 3, H, W) in [0, 1]; any H, W is resized (area) to the 32x32 world."""
+def detect_batch(images: torch.Tensor, min_iou: float = MIN_IOU) -> list[list[Detection]]:
+    """Detections for each image of (N, 3, H, W) in [0, 1]; any H, W is resized (area) to the 32x32 world.
+    ``min_iou`` below ``MIN_IOU`` also returns near-miss shapes (a soft reward weighs them by their ``iou``)."""
     x = _as_numpy(images)
     labels = color_labels(x)
     comp = components(labels)
@@ -167,7 +168,7 @@ def detect_batch(images: torch.Tensor) -> list[list[Detection]]:
         win = np.pad(cov, PAD)[wy0 + PAD:y1 + 2 * PAD, wx0 + PAD:x1 + 2 * PAD]
         scores = shape_scores(win, wy0, wx0)
         shape = max(scores, key=scores.get)
-        if scores[shape] < MIN_IOU:
+        if scores[shape] < min_iou:
             continue
         out[i].append(Detection(_NAMES[ci], shape, (float(xs.mean() + 0.5), float(ys.mean() + 0.5)),
                                 (int(x0), int(y0), int(x1), int(y1)), int(ys.size), scores[shape]))

@@ -13,6 +13,8 @@ Rules follow GenEval's evaluator on the metadata layout of ``world.all_prompts``
 ``correct`` is GenEval's binary verdict. ``score`` is a dense variant for rewards: the mean over requirements of
 the fraction met (count: min(found, n)/n, or 1 - |found - n|/n when an exclude caps it; colour: matches/n;
 relation: fraction of pairs that hold, 0 if a side is missing). score == 1 exactly when correct.
+``soft_score`` (``soft=True``) is the dense score over the detections down to ``SOFT_IOU``, each weighted by how
+close its shape came to a template (``soft_weight``): a training reward that ranks near misses.
 """
 from __future__ import annotations
 
@@ -20,9 +22,13 @@ import numpy as np
 import torch
 
 from . import world
-from .detector import Detection, detect_batch
+from .detector import MIN_IOU, Detection, detect_batch
 
 POSITION_THRESHOLD = 0.1  # GenEval's relative margin
+# Near-miss shapes (soft IoU with their best template in [SOFT_IOU, MIN_IOU)) count in part in the soft score. The
+# base's failures are mostly such shapes (a lopsided triangle at 0.65-0.79), which the verdict and the dense score
+# see as nothing, so a group of them ranks flat; the soft score ranks them by how close they came.
+SOFT_IOU = 0.5
 
 
 def relations(a: Detection, b: Detection) -> set[str]:
@@ -46,28 +52,38 @@ def relations(a: Detection, b: Detection) -> set[str]:
     return out
 
 
-def requirements(dets: list[Detection], meta: dict) -> list[float]:
-    """Fraction met of each requirement the metadata states, in order (include items, then excludes)."""
+def requirements(dets: list[Detection], meta: dict, weights: list[float] | None = None) -> list[float]:
+    """Fraction met of each requirement the metadata states, in order (include items, then excludes).
+    ``weights`` (one per detection, default 1) turn counts into sums of weights and pairs into weighted pairs:
+    the soft score's near-miss shapes count in part."""
+    w = [1.0] * len(dets) if weights is None else list(weights)
     include = meta["include"]
     caps = {e["class"]: e["count"] for e in meta.get("exclude", [])}
-    found = [[d for d in dets if d.shape == r["class"]] for r in include]
+    found = [[(d, wd) for d, wd in zip(dets, w) if d.shape == r["class"]] for r in include]
     out = []
     for r, f in zip(include, found):
-        n = r["count"]
+        n, k = r["count"], sum(wd for _, wd in f)
         if caps.get(r["class"]) == n + 1:   # counting: exactly n, penalised on both sides
-            out.append(max(0.0, 1 - abs(len(f) - n) / n))
+            out.append(max(0.0, 1 - abs(k - n) / n))
         else:
-            out.append(min(len(f), n) / n)
+            out.append(min(k, n) / n)
         if "color" in r:
-            out.append(min(sum(d.color == r["color"] for d in f), n) / n)
+            out.append(min(sum(wd for d, wd in f if d.color == r["color"]), n) / n)
         if "position" in r:
             rel, j = r["position"]
-            pairs = [rel in relations(a, b) for a in f for b in found[j]]
-            out.append(sum(pairs) / len(pairs) if pairs else 0.0)
+            pairs = [(wa * wb, rel in relations(a, b)) for a, wa in f for b, wb in found[j]]
+            total = sum(p for p, _ in pairs)
+            out.append(sum(p for p, ok in pairs if ok) / total if total > 0 else 0.0)
     for e in meta.get("exclude", []):
         if not any(r["class"] == e["class"] and r["count"] + 1 == e["count"] for r in include):
-            out.append(float(sum(d.shape == e["class"] for d in dets) < e["count"]))
+            out.append(float(sum(wd for d, wd in zip(dets, w) if d.shape == e["class"]) < e["count"]))
     return out
+
+
+def soft_weight(iou: float) -> float:
+    """A detection's share in the soft score: 0 at ``SOFT_IOU``, rising linearly to 1 at the detector's
+    ``MIN_IOU`` (where GenEval's verdict starts counting it)."""
+    return float(np.clip((iou - SOFT_IOU) / (MIN_IOU - SOFT_IOU), 0.0, 1.0))
 
 
 def _check(meta) -> None:
@@ -75,19 +91,27 @@ def _check(meta) -> None:
         raise ValueError(f"GenEval metadata needs 'tag' and 'include' (see world.all_prompts), got {meta!r}")
 
 
-def grade_detections(dets: list[Detection], meta: dict) -> dict:
+def grade_detections(dets: list[Detection], meta: dict, soft: bool = False) -> dict:
+    """GenEval's verdict and the dense score on the detections that reach ``MIN_IOU``; with ``soft`` also
+    ``soft_score``, the dense score with every detection (near misses included) weighted by ``soft_weight``."""
     _check(meta)
-    req = requirements(dets, meta)
-    return {"correct": all(v == 1.0 for v in req), "score": float(np.mean(req)) if req else 1.0}
+    hard = [d for d in dets if d.iou >= MIN_IOU]
+    req = requirements(hard, meta)
+    out = {"correct": all(v == 1.0 for v in req), "score": float(np.mean(req)) if req else 1.0}
+    if soft:
+        sreq = requirements(dets, meta, [soft_weight(d.iou) for d in dets])
+        out["soft_score"] = float(np.mean(sreq)) if sreq else 1.0
+    return out
 
 
-def grade_batch(images: torch.Tensor, metas: list[dict]) -> list[dict]:
-    """grade() for each image of (N, 3, H, W) in [0, 1], detecting once for the batch."""
+def grade_batch(images: torch.Tensor, metas: list[dict], soft: bool = False) -> list[dict]:
+    """grade_detections() for each image of (N, 3, H, W) in [0, 1], detecting once for the batch."""
     if len(metas) != images.shape[0]:
         raise ValueError(f"got {len(metas)} metadata entries for {images.shape[0]} images")
     for m in metas:
         _check(m)
-    return [grade_detections(d, m) for d, m in zip(detect_batch(images), metas)]
+    dets = detect_batch(images, min_iou=SOFT_IOU if soft else MIN_IOU)
+    return [grade_detections(d, m, soft) for d, m in zip(dets, metas)]
 
 
 def grade(image: torch.Tensor, meta: dict) -> dict:
@@ -129,5 +153,5 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["POSITION_THRESHOLD", "relations", "requirements", "grade", "grade_batch", "grade_detections", "evaluate",
+__all__ = ["POSITION_THRESHOLD", "SOFT_IOU", "soft_weight", "relations", "requirements", "grade", "grade_batch", "grade_detections", "evaluate",
            "format_table"]
