@@ -31,7 +31,8 @@ def test_toy_flowgrpo_machinery(tmp_path):
     # one update per iteration, so every update is on-policy: ratio exactly 1
     assert rows[0]["ratio_min"] == pytest.approx(1, abs=1e-6) and rows[0]["ratio_max"] == pytest.approx(1, abs=1e-6)
     # reward wiring: the detector's dense score and correctness, in [0, 1]; eval ran on held-out prompts
-    assert 0 <= rows[0]["reward/shapes_mean"] <= 1 and "eval/shapes_mean" in rows[1]
+    assert 0 <= rows[0]["reward/shapes_mean"] <= 1 and "eval/shapes_mean" in rows[1] \
+        and "eval/shapes/correct_mean" in rows[1]   # extras are logged in eval rows too
     # advantages: group-relative (per-prompt mean, global std), so each group sums to 0
     adv = [json.loads(x) for x in (run / "advantages.jsonl").read_text().splitlines()]
     for it in (0, 1):

@@ -43,6 +43,13 @@ from flowrl.train.units import broadcast_advantages, select_units, shuffle_units
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "lora", "model")
 GRID_IMAGES = 32
 BEFORE_AFTER = 8  # eval prompts in the before / after grid
+
+
+def spread(n: int, total: int) -> list[int]:
+    """n indices evenly spaced over a prompt file of ``total``: prompt files are often grouped by task (GenEval's
+    metadata, the shapes world), and the first n prompts would all be of one or two tasks."""
+    n = min(n, total)
+    return [i * total // n for i in range(n)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 logger = logging.getLogger("flowrl")
 
@@ -340,7 +347,7 @@ class Trainer:
             before = self.run_dir / "samples" / "before.png"
             n = min(BEFORE_AFTER, len(self.eval_set))
             if start == 0:
-                self._before = self._eval_images(list(range(n)))
+                self._before = self._eval_images(spread(n, len(self.eval_set)))
                 save_grid(self._before, before, cols=n)
             elif before.is_file():
                 self._before = load_grid(before, n)
@@ -572,10 +579,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, it: int) -> dict:
-        """The first eval.num_prompts eval prompts, shared over processes, sampled and scored."""
+        """eval.num_prompts eval prompts spread over the file, shared over processes, sampled and scored."""
         acc = self.acc
-        n = min(self.cfg.eval.num_prompts, len(self.eval_set))
-        mine = list(range(acc.process_index, n, acc.num_processes))
+        chosen = spread(self.cfg.eval.num_prompts, len(self.eval_set))
+        mine = chosen[acc.process_index::acc.num_processes]
         images = self._eval_images(mine)
         # one sample per prompt, so one group each (a pairwise reward scores 1/2 here: nothing to compare)
         scores, bad = self._score(images, [self.eval_set.prompts[i] for i in mine],
@@ -584,7 +591,7 @@ class Trainer:
             self._warn(f"iteration {it}: eval scores are non-finite for eval prompt ids {bad}; no eval row")
             return {}
         row = {}
-        for k, v in self.reward.main_scores(scores).items():
+        for k, v in scores.items():   # main scores pick the best checkpoint; extras (e.g. shapes/correct) are logged
             row[f"eval/{k}_mean"] = float(acc.gather_for_metrics(v.to(acc.device)).mean())
         if acc.is_main_process:  # a look, not an archive: the first images of the main process
             save_grid(images[:GRID_IMAGES], self.run_dir / "samples" / f"eval_{it:06d}.png")
@@ -608,7 +615,7 @@ class Trainer:
         if acc.is_main_process:
             reward_curve(self.rows, self.run_dir / "reward_curve.png")
             if self._before is not None:  # the same prompts and seeds before and after training, one row each
-                after = self._eval_images(list(range(len(self._before))))
+                after = self._eval_images(spread(len(self._before), len(self.eval_set)))
                 # a resumed run reads "before" back from its PNG, on the CPU
                 save_grid(torch.cat([self._before.cpu(), after.cpu()]), self.run_dir / "samples" / "before_after.png",
                           cols=len(self._before))
