@@ -105,6 +105,8 @@ def _eval(args) -> None:
 
     import rewards
 
+    if args.baseline_differs and not args.baseline:
+        raise ValueError("--baseline-differs needs --baseline (the eval.json it differs from)")
     prompts, metadata = _prompts(args)
     reward = rewards.MultiReward(args.rewards, json.loads(args.reward_kwargs) if args.reward_kwargs else None)
     expanded = [p for p in prompts for _ in range(args.num)]
@@ -138,9 +140,13 @@ def _eval(args) -> None:
     if baseline is not None:
         gains = paired_gains(scores, {k: torch.tensor(v) for k, v in baseline["per_image"].items() if k in scores},
                              expanded, tags if categories else None)
-        (out / "gain.json").write_text(json.dumps({"baseline": args.baseline, "gains": gains}, indent=2))
+        differs = {k: {"baseline": baseline.get(k), "this": getattr(args, k)} for k in args.baseline_differs or []}
+        (out / "gain.json").write_text(json.dumps({"baseline": args.baseline, "differs": differs, "gains": gains},
+                                                  indent=2))
         names = list(gains["overall"])
-        lines += ["", f"Gain over {args.baseline} (same prompts and seeds; standard errors clustered by prompt):", "",
+        changed = "".join(f"; baseline {k} {v['baseline']}, this eval {v['this']}" for k, v in differs.items())
+        lines += ["", f"Gain over {args.baseline} (same prompts and seeds{changed}; standard errors clustered by "
+                  "prompt):", "",
                   "| category | prompts | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for cat, row in gains.items():
             lines.append(f"| {cat} | {row[names[0]]['prompts']} | "
@@ -154,6 +160,10 @@ def _eval(args) -> None:
 PAIRED_SETTINGS = {"--seed": "seed", "--steps": "steps", "--guidance": "guidance", "--height": "height",
                    "--width": "width", "--max-sequence-length": "max_sequence_length", "--dtype": "dtype",
                    "--rewards": "rewards", "--reward-kwargs": "reward_kwargs"}
+# sampler settings a comparison may change on purpose (--baseline-differs): the initial noise is the seed's
+# whatever they are, so the images stay paired. E.g. a CFG-free RL model (DiffusionNFT) against its base at the
+# guidance the base is used with.
+SAMPLER_SETTINGS = ("guidance", "steps", "dtype")
 
 
 def _load_baseline(path: str, expanded: list[str], args) -> dict:
@@ -167,10 +177,17 @@ def _load_baseline(path: str, expanded: list[str], args) -> dict:
     if base.get("images_per_prompt") != args.num:
         raise ValueError(f"--baseline {path} has {base.get('images_per_prompt')} images per prompt, this eval "
                          f"{args.num}: a paired gain needs the same prompts, images per prompt and seed")
+    differs = args.baseline_differs or []
     for option, key in PAIRED_SETTINGS.items():
+        if key in differs:
+            if base.get(key) == getattr(args, key):
+                raise ValueError(f"--baseline-differs {key}: the baseline used the same {option} "
+                                 f"{getattr(args, key)}; drop it from --baseline-differs")
+            continue
         if base.get(key) != getattr(args, key):
             raise ValueError(f"--baseline {path} used {option} {base.get(key)}, this eval {getattr(args, key)}: "
-                             "a paired gain needs the same seeds, sampling settings and rewards")
+                             "a paired gain needs the same seeds, sampling settings and rewards (a sampler "
+                             f"setting changed on purpose goes in --baseline-differs: {', '.join(SAMPLER_SETTINGS)})")
     if base["per_image"]["prompt"] != expanded:
         raise ValueError(f"--baseline {path} scored different prompts (or another order)")
     return base
@@ -270,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward-kwargs", default=None, help='JSON: {"reward_name": {"arg": value}}')
     e.add_argument("--baseline", default=None, help="a previous eval.json on the same prompts, images per prompt and "
                    "seed (e.g. the base model's): also report the paired gain per category, with standard errors")
+    e.add_argument("--baseline-differs", nargs="+", default=None, choices=SAMPLER_SETTINGS, metavar="SETTING",
+                   help=f"sampler settings ({', '.join(SAMPLER_SETTINGS)}) this eval changes on purpose against "
+                        "--baseline, e.g. guidance for a CFG-free model against its base at the base's guidance; "
+                        "everything else must match")
     e.set_defaults(fn=_eval)
     return ap
 

@@ -65,3 +65,16 @@ def test_eval_reports_the_paired_gain_over_a_baseline(tmp_path, capsys):
     # a baseline made with other seeds cannot be paired: refused before any sampling
     code = main([*common, "--seed", "1", "--baseline", str(base), "--out", str(tmp_path / "bad")])
     assert code == 2 and "seed" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # another guidance is refused unless named in --baseline-differs (sampler settings only), then recorded
+    code = main([*common, "--guidance", "1.0", "--baseline", str(base), "--out", str(tmp_path / "bad")])
+    assert code == 2 and "--baseline-differs" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main([*common, "--guidance", "1.0", "--baseline", str(base), "--baseline-differs", "guidance",
+                 "--out", str(tmp_path / "cfgfree")]) == 0
+    saved = json.loads((tmp_path / "cfgfree" / "gain.json").read_text())
+    assert saved["differs"]["guidance"]["this"] == 1.0 and saved["differs"]["guidance"]["baseline"] != 1.0
+    assert "baseline guidance" in (tmp_path / "cfgfree" / "eval.md").read_text()
+    capsys.readouterr()
+    code = main([*common, "--baseline", str(base), "--baseline-differs", "guidance", "--out", str(tmp_path / "bad")])
+    assert code == 2 and "same --guidance" in capsys.readouterr().err
+    code = main([*common, "--baseline-differs", "guidance", "--out", str(tmp_path / "bad")])
+    assert code == 2 and "--baseline-differs needs --baseline" in capsys.readouterr().err
