@@ -45,7 +45,7 @@ def test_toy_flowgrpo_machinery(tmp_path):
 
 @pytest.mark.skipif(not HAVE_BASE, reason="the shapes-world base is not built (scripts/pretrain_toy.py)")
 def test_toy_nft_machinery(tmp_path):
-    """The README's main recipe (DiffusionNFT) for two iterations: ODE rollouts under CFG (two passes a step),
+    """The README's main recipe (CFG-free DiffusionNFT) for two iterations: ODE rollouts without CFG (one pass a step),
     group-relative optimality probabilities averaging 1/2, four updates per iteration, the run folder's outputs."""
     run = tmp_path / "toy_nft"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -57,7 +57,7 @@ def test_toy_nft_machinery(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["nft_r"] == pytest.approx(0.5, abs=1e-5) for r in rows)
-    assert rows[0]["nfe"] == 4 * 8 * 10 * 2 and 0 <= rows[0]["reward/shapes_mean"] <= 1
+    assert rows[0]["nfe"] == 4 * 8 * 10 and 0 <= rows[0]["reward/shapes_mean"] <= 1
     assert "eval/shapes_mean" in rows[1]
     for name in ("reward_curve.png", "samples/before_after.png", "lora/pytorch_lora_weights.safetensors"):
         assert (run / name).is_file(), name

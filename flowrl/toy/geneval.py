@@ -153,5 +153,5 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["POSITION_THRESHOLD", "SOFT_IOU", "soft_weight", "relations", "requirements", "grade", "grade_batch", "grade_detections", "evaluate",
-           "format_table"]
+__all__ = ["POSITION_THRESHOLD", "SOFT_IOU", "soft_weight", "relations", "requirements", "grade", "grade_batch",
+           "grade_detections", "evaluate", "format_table"]
