@@ -200,3 +200,58 @@ def test_kl_holds_the_guided_velocity_to_the_base(tmp_path, monkeypatch):
     # unconditional pass), then the reference's guided velocity
     assert guided_calls[:4] == [False, True] * 2
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0 and not any("skipped" in r for r in rows)
+
+
+def test_soft_updated_sampling_policy(tmp_path, monkeypatch):
+    """training.nft_eta_max: theta_old starts at theta (eta_0 = 0) and then follows theta_old <- eta theta_old +
+    (1 - eta) theta; rollouts run under theta_old and v_old is its velocity, so once theta_old lags, even the
+    first update of an iteration is off-policy. Validation keeps it to NFT."""
+    from flowrl.train import nft as nft_mod
+    from flowrl.train import trainer as trainer_mod
+    from flowrl.train.config import ConfigError, load_config
+    from flowrl.train.validate import validate
+
+    sets = [f"run.output_dir={tmp_path / 'run'}", "training.objective=nft", "training.lr=1e-2",
+            "sampling.schedule={name: constant, scale: 0.0}", "eval.every=0", "run.progress=false",
+            "training.nft_eta_max=0.5", "training.nft_eta_rate=0.5"]
+    cfg = load_config(str(ROOT / "configs" / "tiny_smoke.yaml"), sets)
+    gaps, real = [], nft_mod.nft_loss
+
+    def spy(v, v_old, *args, **kw):
+        gaps.append(float((v.detach() - v_old).abs().max()))
+        return real(v, v_old, *args, **kw)
+
+    monkeypatch.setattr(nft_mod, "nft_loss", spy)
+    trainer = trainer_mod.Trainer(cfg)
+    rolled, real_rollout = [], trainer._rollout
+
+    def rollout_spy(*args):
+        rolled.append([p.detach().clone() for p in trainer.params])
+        return real_rollout(*args)
+
+    monkeypatch.setattr(trainer, "_rollout", rollout_spy)
+    clone = lambda ps: [p.detach().clone() for p in ps]  # noqa: E731
+    thetas, olds, rows, first_gap = [clone(trainer.params)], [], [], []
+    for it in range(3):
+        gaps.clear()
+        rows.append(trainer.iteration(it))
+        first_gap.append(gaps[0])
+        thetas.append(clone(trainer.params))
+        olds.append(clone(trainer.sampler.params))
+    assert [r["nft_eta"] for r in rows] == [0.0, 0.5, 0.5] and not any("skipped" in r for r in rows)
+    # eta_0 = 0: theta_old = theta_1; then theta_old_2 = (theta_1 + theta_2) / 2
+    assert all(torch.equal(o, p) for o, p in zip(olds[0], thetas[1]))
+    assert all(torch.allclose(o, 0.5 * a + 0.5 * b, atol=1e-7) for o, a, b in zip(olds[1], thetas[1], thetas[2]))
+    # rollouts ran under theta_old (theta itself until it lags), and the weights came back afterwards
+    assert all(torch.equal(r, o) for r, o in zip(rolled[2], olds[1]))
+    assert not all(torch.equal(r, p) for r, p in zip(rolled[2], thetas[2]))
+    # v_old is theta_old's velocity: on-policy while theta_old = theta at an iteration's start, not once it lags
+    assert first_gap[0] == 0.0 and first_gap[1] == 0.0 and first_gap[2] > 1e-4, first_gap
+    # checkpoint state round-trips
+    other = nft_mod.SoftPolicy(thetas[0], 0.5, 0.5)
+    other.load_state_dict(trainer.sampler.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.params, trainer.sampler.params))
+    for extra, needle in ((["training.objective=grpo", "sampling.schedule={name: constant}"], "nft_eta_max"),
+                          (["training.nft_eta_max=1.0"], "nft_eta_max")):
+        with pytest.raises(ConfigError, match=needle):
+            validate(load_config(str(ROOT / "configs" / "tiny_smoke.yaml"), sets + extra))

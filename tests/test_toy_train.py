@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from flowrl.models import TOY_BASE, resolve_model_path
 
@@ -61,3 +62,5 @@ def test_toy_nft_machinery(tmp_path):
     assert "eval/shapes_mean" in rows[1]
     for name in ("reward_curve.png", "samples/before_after.png", "lora/pytorch_lora_weights.safetensors"):
         assert (run / name).is_file(), name
+    # 8 held-out prompts before (top row) and after (bottom row), each 32x32 image shown at 128x128
+    assert Image.open(run / "samples" / "before_after.png").size == (8 * 128, 2 * 128)

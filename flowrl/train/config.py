@@ -119,6 +119,9 @@ class TrainingConfig:
     nft_adaptive_weight: bool = True     # nft: x0-space error over its detached mean (the paper's weighting)
     nft_guided: bool = False             # nft: train the CFG-guided velocity the sampler uses (default: the
                                          # conditional one, the paper's CFG-free training; nft.velocity says more)
+    nft_eta_max: float = 0.0             # nft: sampling policy soft-updated after iteration i, theta_old <- eta_i
+    nft_eta_rate: float = 0.001          # theta_old + (1 - eta_i) theta, eta_i = min(rate * i, max) (DiffusionNFT
+                                         # uses 0.001, 0.5); 0: sample with the current weights (nft.SoftPolicy)
     max_consecutive_skips: int = 3       # iterations in a row skipped for a non-finite reward / advantage / loss /
                                          # gradient before the run stops (with a checkpoint of the last good state)
 

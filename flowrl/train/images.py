@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 
 
-def save_grid(images: torch.Tensor, path: str | Path, cols: int = 8) -> Path:
-    """(N, 3, H, W) in [0, 1] -> one PNG with ``cols`` images per row (written to a temp name, then renamed)."""
+def save_grid(images: torch.Tensor, path: str | Path, cols: int = 8, min_cell: int = 0) -> Path:
+    """(N, 3, H, W) in [0, 1] -> one PNG with ``cols`` images per row (written to a temp name, then renamed).
+    ``min_cell``: images smaller than this are enlarged by a whole factor (pixel repetition), so a grid of 32x32
+    images is large enough to look at."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n, _, h, w = images.shape
@@ -20,6 +22,9 @@ def save_grid(images: torch.Tensor, path: str | Path, cols: int = 8) -> Path:
     for i, img in enumerate(pixels):
         r, c = divmod(i, cols)
         canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    k = -(-min_cell // min(h, w)) if min_cell > min(h, w) else 1
+    if k > 1:
+        canvas = canvas.repeat(k, axis=0).repeat(k, axis=1)
     tmp = path.with_name(path.name + ".tmp")
     Image.fromarray(canvas).save(tmp, format="PNG")
     tmp.replace(path)

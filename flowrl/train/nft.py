@@ -9,6 +9,7 @@ position. The sampler can be anything (the ODE is the usual choice); its log-pro
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +90,56 @@ def guide(policy: Policy, cond, x0: Tensor, noise: Tensor, t: Tensor, timesteps:
     return v_u + policy.cfg_weight(guidance_scale) * (v_cond - v_u)
 
 
-def loss_fn(policy: Policy, forest: Forest, units: NFTUnits, unit_adv: Tensor, cfg, reference, autocast):
+class SoftPolicy:
+    """DiffusionNFT's sampling policy theta_old, kept beside the trained weights theta and soft-updated after each
+    iteration i: ``theta_old <- eta_i theta_old + (1 - eta_i) theta`` with ``eta_i = min(rate * i, eta_max)``. It
+    starts on-policy (eta 0: theta_old = theta) and then lags the trained weights; rollouts and v_old use it.
+    ``state_dict`` / ``load_state_dict`` let accelerate checkpoint it."""
+
+    def __init__(self, params: list[Tensor], eta_max: float, rate: float):
+        self.params = [p.detach().clone() for p in params]
+        self.eta_max, self.rate = eta_max, rate
+
+    def eta(self, iteration: int) -> float:
+        return min(self.rate * iteration, self.eta_max)
+
+    @torch.no_grad()
+    def update(self, params: list[Tensor], iteration: int) -> None:
+        eta = self.eta(iteration)
+        for old, p in zip(self.params, params):
+            old.mul_(eta).add_(p.detach(), alpha=1 - eta)
+
+    @contextlib.contextmanager
+    def active(self, params: list[Tensor]):
+        """theta_old in place of ``params`` (the module's own tensors) inside the block, theta restored after."""
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, old in zip(params, self.params):
+                p.copy_(old)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, keep in zip(params, saved):
+                    p.copy_(keep)
+
+    def state_dict(self) -> dict:
+        return {"params": [p.detach().cpu() for p in self.params]}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for old, p in zip(self.params, state["params"]):
+                old.copy_(p)
+
+
+def loss_fn(policy: Policy, forest: Forest, units: NFTUnits, unit_adv: Tensor, cfg, reference, autocast,
+            sampling_policy=None):
     """The iteration's per-unit loss ``fn(unit ids) -> (losses, stats)`` for the trainer's update loop.
 
     v_old is the sampling policy's velocity: the current weights while the iteration makes one update, else
-    recorded for every unit before the first. ``reference``: a context manager under which ``policy`` is the
-    base model (the KL term); ``autocast``: the accelerator's.
+    recorded for every unit before the first; with ``sampling_policy`` (a context manager under which ``policy``
+    holds the soft-updated theta_old) always recorded, under it. ``reference``: a context manager under which
+    ``policy`` is the base model (the KL term); ``autocast``: the accelerator's.
     """
     t, gs = cfg.training, cfg.sampling.guidance_scale
     r_all = nft_optimality(unit_adv, cfg.advantages.clip)
@@ -104,8 +149,8 @@ def loss_fn(policy: Policy, forest: Forest, units: NFTUnits, unit_adv: Tensor, c
         return velocity(policy, forest.cond, *draw, gs, guided), draw
 
     v_old = None
-    if t.inner_epochs * t.updates_per_epoch > 1:
-        with torch.no_grad(), autocast():
+    if sampling_policy is not None or t.inner_epochs * t.updates_per_epoch > 1:
+        with torch.no_grad(), autocast(), (sampling_policy or contextlib.nullcontext)():
             v_old = torch.cat([v_at(mb)[0] for mb in torch.split(torch.arange(len(units)), t.micro_batch_size)])
 
     def fn(mb):

@@ -43,6 +43,7 @@ from flowrl.train.units import broadcast_advantages, select_units, shuffle_units
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "lora", "model")
 GRID_IMAGES = 32
 BEFORE_AFTER = 8  # eval prompts in the before / after grid
+LOOK_CELL = 128   # px: grids meant for people (eval, before / after) enlarge smaller images to this
 
 
 def spread(n: int, total: int) -> list[int]:
@@ -177,10 +178,12 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(denoiser, optimizer)
         self.lr_scheduler = scheduler
         self.ema = EMAModel(self.params, decay=cfg.finetune.ema_decay) if cfg.finetune.ema_decay > 0 else None
+        self.sampler = (nft.SoftPolicy(self.params, t.nft_eta_max, t.nft_eta_rate)
+                        if t.objective == "nft" and t.nft_eta_max > 0 else None)
         a = cfg.advantages
         self.tracker = PerPromptStatTracker(std=a.std, eps=a.eps, clip=a.clip) if a.per_prompt_tracker else None
         # everything else a checkpoint must restore, in a fixed order (accelerate numbers the files by it)
-        for obj in (self.lr_scheduler, self.state, self.ema, self.tracker):
+        for obj in (self.lr_scheduler, self.state, self.ema, self.tracker, self.sampler):
             if obj is not None:
                 self.acc.register_for_checkpointing(obj)
         # sharded engines (DeepSpeed, FSDP) keep accelerate's own model files, which know the shards
@@ -407,7 +410,8 @@ class Trainer:
         prompt_ids = [idx[s] for s in local]  # each local prompt's index in the prompt file
 
         t0 = time.perf_counter()
-        forest = self._rollout(prompts, local, it)
+        with self._sampling_weights():
+            forest = self._rollout(prompts, local, it)
         t_rollout = time.perf_counter() - t0
         leaves = forest.leaves()
         leaf_prompt = forest.node_prompt[leaves].tolist()
@@ -440,7 +444,8 @@ class Trainer:
             nft_units = nft.nft_units(forest, c.training.nft_timesteps, c.run.seed, it)
             units, unit_prompt = torch.arange(len(nft_units)), nft_units.unit_prompt
             unit_adv = leaf_adv.repeat_interleave(nft_units.K)
-            loss_fn = nft.loss_fn(self.policy, forest, nft_units, unit_adv, c, self._reference, self.acc.autocast)
+            loss_fn = nft.loss_fn(self.policy, forest, nft_units, unit_adv, c, self._reference, self.acc.autocast,
+                                  self._sampling_weights if self.sampler is not None else None)
         else:  # grpo: the trainable SDE steps, each with its trajectory's advantage
             units = select_units(forest, c.training.timestep_fraction, c.run.seed, it)
             unit_adv, unit_prompt = broadcast_advantages(forest, leaf_adv), forest.node_prompt[forest.src]
@@ -457,6 +462,9 @@ class Trainer:
         if skip is not None:
             return self._skipped(row, *skip, forest, t0, t_rollout)
         self.state.consecutive_skips = 0
+        if self.sampler is not None:  # after the iteration's updates, like the EMA (a skipped one leaves it)
+            self.sampler.update(self.params, it)
+            row["nft_eta"] = self.sampler.eta(it)
         row.update({"lr": self.lr_scheduler.get_last_lr()[0], "skips": self.state.skips, "nfe": self._nfe(forest)})
         return row
 
@@ -594,8 +602,17 @@ class Trainer:
         for k, v in scores.items():   # main scores pick the best checkpoint; extras (e.g. shapes/correct) are logged
             row[f"eval/{k}_mean"] = float(acc.gather_for_metrics(v.to(acc.device)).mean())
         if acc.is_main_process:  # a look, not an archive: the first images of the main process
-            save_grid(images[:GRID_IMAGES], self.run_dir / "samples" / f"eval_{it:06d}.png")
+            save_grid(images[:GRID_IMAGES], self.run_dir / "samples" / f"eval_{it:06d}.png", min_cell=LOOK_CELL)
         return row
+
+    @contextlib.contextmanager
+    def _sampling_weights(self):
+        """Rollouts (and NFT's v_old) use the soft-updated sampling policy when there is one."""
+        if self.sampler is None:
+            yield
+            return
+        with self.sampler.active(self.params):
+            yield
 
     @contextlib.contextmanager
     def _ema_weights(self):
@@ -618,7 +635,7 @@ class Trainer:
                 after = self._eval_images(spread(len(self._before), len(self.eval_set)))
                 # a resumed run reads "before" back from its PNG, on the CPU
                 save_grid(torch.cat([self._before.cpu(), after.cpu()]), self.run_dir / "samples" / "before_after.png",
-                          cols=len(self._before))
+                          cols=len(self._before), min_cell=LOOK_CELL)
             with self._ema_weights():
                 denoiser = acc.unwrap_model(self.model)
                 if self.cfg.finetune.mode == "lora":

@@ -24,7 +24,7 @@ POSITIVE = ("run.iterations", "sampling.num_steps", "data.prompts_per_iteration"
 NON_NEGATIVE = ("run.save_every", "run.log_samples_every", "eval.every", "training.kl_beta",
                 "training.weight_decay", "training.max_grad_norm", "training.warmup_iterations",
                 "sampling.guidance_scale", "advantages.eps", "run.keep_checkpoints", "rewards.retries",
-                "rewards.retry_backoff")
+                "rewards.retry_backoff", "training.nft_eta_rate")
 
 
 def _get(cfg, dotted: str):
@@ -86,6 +86,12 @@ def validate(cfg: Config) -> None:
     if cfg.training.objective == "nft" and not (cfg.advantages.clip or 0) > 0:
         raise ConfigError("advantages.clip: nft maps advantages to optimality probabilities r = clip(A, -C, C) / 2C "
                           "+ 1/2 and needs a positive C")
+    if not 0 <= cfg.training.nft_eta_max < 1:
+        raise ConfigError(f"training.nft_eta_max: the sampling policy's soft-update weight must be in [0, 1), got "
+                          f"{cfg.training.nft_eta_max!r}")
+    if cfg.training.nft_eta_max > 0 and cfg.training.objective != "nft":
+        raise ConfigError("training.nft_eta_max: a soft-updated sampling policy is DiffusionNFT's (objective: nft); "
+                          "grpo's log-prob ratios need rollouts from the weights of the iteration's start")
     if cfg.training.objective == "nft" and kernel.family != "flow":
         raise ConfigError("training.objective: nft trains velocities on the rectified-flow forward process; it needs "
                           "a flow model and kernel (SD3, FLUX)")
