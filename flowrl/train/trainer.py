@@ -44,6 +44,8 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "lora", "model")
 GRID_IMAGES = 32
 BEFORE_AFTER = 8  # eval prompts in the before / after grid
 LOOK_CELL = 128   # px: grids meant for people (eval, before / after) enlarge smaller images to this
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+logger = logging.getLogger("flowrl")
 
 
 def spread(n: int, total: int) -> list[int]:
@@ -51,8 +53,6 @@ def spread(n: int, total: int) -> list[int]:
     metadata, the shapes world), and the first n prompts would all be of one or two tasks."""
     n = min(n, total)
     return [i * total // n for i in range(n)]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-logger = logging.getLogger("flowrl")
 
 
 def check_run_dir(path: Path) -> None:
