@@ -116,7 +116,8 @@ def _eval(args) -> None:
     meta = [m for m in metadata for _ in range(args.num)]
     groups = torch.arange(len(prompts)).repeat_interleave(args.num)  # a prompt's images: one group (pairwise)
     all_scores = reward(images, expanded, meta, groups=groups)
-    scores = {**reward.main_scores(all_scores), **{k: v for k, v in all_scores.items() if k.endswith("/correct")}}
+    verdicts = {k: v for k, v in all_scores.items() if k.endswith(("/correct", "/strict"))}
+    scores = {**reward.main_scores(all_scores), **verdicts}
     n = len(images)
     table = {k: {"mean": float(v.mean()), "std": float(v.std()) if n > 1 else 0.0,
                  "stderr": float(v.std() / n**0.5) if n > 1 else 0.0, "n": n} for k, v in scores.items()}

@@ -19,8 +19,9 @@ MODES = ("dense", "soft", "binary")
 class ShapesReward(Reward):
     """Main score: the dense GenEval score (fraction of the prompt's requirements met, in [0, 1]) with
     ``mode="dense"``; the same with near-miss shapes counted in part (``geneval.soft_weight``) with
-    ``mode="soft"``; or GenEval's verdict as 0/1 with ``mode="binary"``. Extras: ``correct`` (the 0/1 verdict)
-    and, in soft mode, ``dense``.
+    ``mode="soft"``; or GenEval's verdict as 0/1 with ``mode="binary"``. Extras: ``correct`` (the 0/1 verdict),
+    ``strict`` (the verdict and no object beyond the named ones: GenEval's at-least rules pass extra copies) and,
+    in soft mode, ``dense``.
 
     Dense is the default because a group of samples that all fail GenEval's binary check would give
     group-relative advantages of zero; partial credit (one of two objects, three of four circles) still ranks them.
@@ -40,11 +41,12 @@ class ShapesReward(Reward):
                                  f"'tag' and 'include' as in flowrl.toy.world.all_prompts), got {dict(m)!r}")
         grades = geneval.grade_batch(images, [dict(m) for m in metadata], soft=self.mode == "soft")
         correct = torch.tensor([float(g["correct"]) for g in grades], dtype=torch.float32)
+        strict = torch.tensor([float(g["strict"]) for g in grades], dtype=torch.float32)
         dense = torch.tensor([g["score"] for g in grades], dtype=torch.float32)
         if self.mode == "soft":
             soft = torch.tensor([g["soft_score"] for g in grades], dtype=torch.float32)
-            return {"score": soft, "dense": dense, "correct": correct}
-        return {"score": dense if self.mode == "dense" else correct, "correct": correct}
+            return {"score": soft, "dense": dense, "correct": correct, "strict": strict}
+        return {"score": dense if self.mode == "dense" else correct, "correct": correct, "strict": strict}
 
 
 __all__ = ["ShapesReward", "MODES"]

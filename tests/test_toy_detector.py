@@ -153,7 +153,7 @@ def test_reward_keys_modes_and_errors(truth):
     metas = metas[:4]
     prompts = [f"prompt {i}" for i in range(4)]
     out = build_reward("shapes")(x, prompts, metas)
-    assert set(out) == {"shapes", "shapes/correct"}
+    assert set(out) == {"shapes", "shapes/correct", "shapes/strict"}
     assert all(v.shape == (4,) and v.dtype == torch.float32 for v in out.values())
     assert out["shapes"].tolist() == [1, 1, 1, 0] and out["shapes/correct"].tolist() == [1, 1, 1, 0]
     half = _render_variant(meta_of("a red circle with a blue square"),
@@ -170,8 +170,17 @@ def test_reward_keys_modes_and_errors(truth):
     with pytest.raises(ValueError, match="mode"):
         build_reward("shapes", mode="fuzzy")
     soft = build_reward("shapes", mode="soft")(x, prompts, metas)
-    assert set(soft) == {"shapes", "shapes/dense", "shapes/correct"}
+    assert set(soft) == {"shapes", "shapes/dense", "shapes/correct", "shapes/strict"}
     assert soft["shapes/dense"].tolist() == out["shapes"].tolist() and soft["shapes"].tolist() == [1, 1, 1, 0]
+
+
+def test_strict_verdict_refuses_extra_copies(truth):
+    for tag, (x, m) in truth.items():   # ground truth holds exactly the named objects
+        assert all(g["strict"] == g["correct"] for g in geneval.grade_batch(x[:40], m[:40])), tag
+    meta = meta_of("a red circle")
+    twice = _render_variant(meta, lambda m: m["objects"][0].update(count=2), n=20)
+    grades = geneval.grade_batch(twice, [world.metadata_of(meta)] * len(twice))
+    assert all(g["correct"] for g in grades) and not any(g["strict"] for g in grades)   # GenEval's at-least rule
 
 
 def _notched_square(k):

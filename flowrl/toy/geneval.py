@@ -97,7 +97,11 @@ def grade_detections(dets: list[Detection], meta: dict, soft: bool = False) -> d
     _check(meta)
     hard = [d for d in dets if d.iou >= MIN_IOU]
     req = requirements(hard, meta)
-    out = {"correct": all(v == 1.0 for v in req), "score": float(np.mean(req)) if req else 1.0}
+    correct = all(v == 1.0 for v in req)
+    # GenEval asks for at least the named objects (bar counting): extra copies pass it. ``strict`` also wants
+    # nothing more, so a model that learnt to draw several copies shows here
+    strict = correct and len(hard) == sum(r["count"] for r in meta["include"])
+    out = {"correct": correct, "strict": strict, "score": float(np.mean(req)) if req else 1.0}
     if soft:
         sreq = requirements(dets, meta, [soft_weight(d.iou) for d in dets])
         out["soft_score"] = float(np.mean(sreq)) if sreq else 1.0
