@@ -119,7 +119,8 @@ def grade_batch(images: torch.Tensor, metas: list[dict], soft: bool = False) -> 
 
 
 def grade(image: torch.Tensor, meta: dict) -> dict:
-    """{"correct": bool (GenEval's rule for the tag), "score": float in [0, 1] (fraction of requirements met)}."""
+    """{"correct": bool (GenEval's rule for the tag), "strict": bool (correct, and no object beyond the named
+    ones), "score": float in [0, 1] (fraction of requirements met)}."""
     return grade_batch(image[None] if image.dim() == 3 else image, [meta])[0]
 
 
