@@ -5,6 +5,7 @@ base eval made on the same device; the best few are then resumed to 3.1x their l
 
     python scripts/sweep_toy.py                        # the 16 Flow-GRPO variants
     SWEEP_SET=nft python scripts/sweep_toy.py          # the 14 DiffusionNFT variants
+    SWEEP_SET=strict python scripts/sweep_toy.py       # CFG-free configs/toy_nft.yaml with the strict reward
     SWEEP_ONLY=pub,w2_lr1e3 SWEEP_SCALE=0.02 SWEEP_NP=24 python scripts/sweep_toy.py   # a quick CPU check
 
 Environment knobs: OUT (results: sweep.log, results.json, curves.json, runs.tgz), SWEEP_RUNS (run folders),
@@ -61,6 +62,7 @@ CONFIGS = {
     "w6s_lr1e3": (210, [U1, "training.lr=1e-3", P(8, True)]),
     "w2_lr3e4": (240, [W(2), U1, "training.lr=3e-4"]),
 }
+LORA_GUIDANCE = "4.5"   # the LoRAs are evaluated at the guidance they were trained under; the base always at 4.5
 NFT = ["training.objective=nft", "sampling.schedule={name: constant, scale: 0.0}", U1]
 
 
@@ -84,6 +86,24 @@ if os.environ.get("SWEEP_SET") == "nft":
         "nft_lr1e3_grp": (380, N("training.lr=1e-3", "advantages.std=group")),
         "nft_lr1e3_c2": (380, N("training.lr=1e-3", "advantages.clip=2.0")),
         "nft_lr1e3_e2": (300, N("training.lr=1e-3", "training.inner_epochs=2", "training.updates_per_epoch=2")),
+    }
+STRICT = "rewards.kwargs={shapes: {strict: true}}"
+ETA = ["training.nft_eta_max=0.5", "training.nft_eta_rate=0.001"]
+if os.environ.get("SWEEP_SET") == "strict":   # variants of configs/toy_nft.yaml (CFG-free, 480 its on 2 cores)
+    CFG, LORA_GUIDANCE = "configs/toy_nft.yaml", "1.0"
+    CONFIGS = {
+        "dense": (480, []),
+        "strict": (480, [STRICT]),
+        "strict_eta": (480, [STRICT] + ETA),
+        "strict_lr1e3": (480, [STRICT, "training.lr=1e-3"]),
+        "strict_lr1e3_eta": (480, [STRICT, "training.lr=1e-3"] + ETA),
+        "strict_soft_eta": (480, [STRICT, "rewards.kwargs={shapes: {strict: true, mode: soft}}"] + ETA),
+        "strict_bin_eta": (480, ["rewards.kwargs={shapes: {strict: true, mode: binary}}"] + ETA),
+        "strict_eta3": (480, [STRICT, "training.nft_eta_max=0.5", "training.nft_eta_rate=0.003"]),
+        "strict_b01_eta": (480, [STRICT, "training.nft_beta=0.1"] + ETA),
+        "strict_G16_eta": (480, [STRICT, P(16), "data.prompts_per_iteration=4"] + ETA),
+        "strict_grp_eta": (480, [STRICT, "advantages.std=group"] + ETA),
+        "strict_u8_eta": (400, [STRICT, "training.updates_per_epoch=8", "training.micro_batch_size=32"] + ETA),
     }
 if os.environ.get("SWEEP_ONLY"):
     CONFIGS = {k: CONFIGS[k] for k in os.environ["SWEEP_ONLY"].split(",")}
@@ -113,11 +133,11 @@ def summary(base, ev):
     b, e = json.loads(Path(base).read_text()), json.loads(Path(ev).read_text())
     tags = [json.loads(line).get("tag") for line in open(HELD)]
     tags = [t for t in tags for _ in range(8)][:len(e["per_image"]["prompt"])]
-    keys = ["shapes", "shapes/correct"]
+    keys = [k for k in ("shapes", "shapes/correct", "shapes/strict") if k in e["per_image"] and k in b["per_image"]]
     g = paired_gains({k: torch.tensor(e["per_image"][k]) for k in keys},
                      {k: torch.tensor(b["per_image"][k]) for k in keys}, e["per_image"]["prompt"], tags)
-    return {c: (round(100 * v["shapes/correct"]["gain"], 1), round(100 * v["shapes/correct"]["stderr"], 1),
-                round(100 * v["shapes"]["gain"], 1)) for c, v in g.items()}
+    return {c: tuple(round(100 * v[k][s], 1) for k in keys[1:] for s in ("gain", "stderr")) + (
+        round(100 * v["shapes"]["gain"], 1),) for c, v in g.items()}
 
 
 def main():
@@ -144,7 +164,8 @@ def main():
             lora = RUNS / name / f"lora_{phase}"
             shutil.copytree(RUNS / name / "lora", lora, dirs_exist_ok=True)
             log(f"{name} {phase} done ({n} its)")
-            evals[(name, phase)] = start(PY + EVAL + ["--lora", str(lora), "--out", str(RUNS / name / f"ev_{phase}")],
+            ev = [a if a != "4.5" else LORA_GUIDANCE for a in EVAL]
+            evals[(name, phase)] = start(PY + ev + ["--lora", str(lora), "--out", str(RUNS / name / f"ev_{phase}")],
                                          RUNS / f"{name}.ev_{phase}.log")
         for key, p in list(evals.items()):
             if p.poll() is None or pb.poll() is None:
@@ -156,9 +177,11 @@ def main():
                 continue
             s = summary(base_ev / "eval.json", RUNS / name / f"ev_{phase}" / "eval.json")
             results[key] = s
-            per_cat = " ".join(f"{c[:6]} {v[0]:+.1f}" for c, v in s.items() if c != "overall")
-            log(f"RESULT {name} {phase}: overall {s['overall'][0]:+.1f} ± {s['overall'][1]:.1f} (dense "
-                f"{s['overall'][2]:+.1f}) | {per_cat}")
+            per_cat = " ".join(f"{c[:6]} {v[0]:+.1f}" + (f"/{v[2]:+.1f}" if len(v) == 5 else "") for c, v in s.items()
+                               if c != "overall")
+            o = s["overall"]
+            strict = f", strict {o[2]:+.1f} ± {o[3]:.1f}" if len(o) == 5 else ""
+            log(f"RESULT {name} {phase}: overall {o[0]:+.1f} ± {o[1]:.1f}{strict} (dense {o[-1]:+.1f}) | {per_cat}")
             (OUT / "results.json").write_text(json.dumps({f"{k[0]}.{k[1]}": v for k, v in results.items()}, indent=1))
             if phase == "short":
                 waiting_long.append((s["overall"][0], name))

@@ -181,6 +181,19 @@ def test_strict_verdict_refuses_extra_copies(truth):
     twice = _render_variant(meta, lambda m: m["objects"][0].update(count=2), n=20)
     grades = geneval.grade_batch(twice, [world.metadata_of(meta)] * len(twice))
     assert all(g["correct"] for g in grades) and not any(g["strict"] for g in grades)   # GenEval's at-least rule
+    # the strict reward: one more requirement, named / found = 1/2, beside the count; binary = strict
+    metas = [world.metadata_of(meta)] * len(twice)
+    assert build_reward("shapes")(twice, ["p"] * 20, metas)["shapes"].tolist() == [1.0] * 20
+    strict = build_reward("shapes", strict=True)(twice, ["p"] * 20, metas)["shapes"]
+    assert strict.tolist() == pytest.approx([0.75] * 20)
+    assert build_reward("shapes", mode="binary", strict=True)(twice, ["p"] * 20, metas)["shapes"].sum() == 0
+    assert build_reward("shapes", mode="soft", strict=True)(twice, ["p"] * 20, metas)["shapes"].tolist() == \
+        pytest.approx([0.75] * 20)
+    for tag, (x, m) in truth.items():   # on ground truth the strict score is GenEval's dense score
+        ref = build_reward("shapes")(x[:40], ["p"] * 40, m[:40])["shapes"]
+        assert torch.equal(build_reward("shapes", strict=True)(x[:40], ["p"] * 40, m[:40])["shapes"], ref), tag
+    with pytest.raises(ValueError, match="strict"):
+        build_reward("shapes", strict="yes")
 
 
 def _notched_square(k):

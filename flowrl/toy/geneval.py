@@ -13,6 +13,9 @@ Rules follow GenEval's evaluator on the metadata layout of ``world.all_prompts``
 ``correct`` is GenEval's binary verdict. ``score`` is a dense variant for rewards: the mean over requirements of
 the fraction met (count: min(found, n)/n, or 1 - |found - n|/n when an exclude caps it; colour: matches/n;
 relation: fraction of pairs that hold, 0 if a side is missing). score == 1 exactly when correct.
+``strict`` is the verdict with nothing beyond the named objects (GenEval's at-least rules pass extra copies);
+``grade_detections(..., strict=True)`` adds that as one more requirement, ``named / max(named, found)``, to the
+dense scores, so a reward trained on them cannot gain by drawing copies, and score == 1 exactly when strict.
 ``soft_score`` (``soft=True``) is the dense score over the detections down to ``SOFT_IOU``, each weighted by how
 close its shape came to a template (``soft_weight``): a training reward that ranks near misses.
 """
@@ -52,10 +55,12 @@ def relations(a: Detection, b: Detection) -> set[str]:
     return out
 
 
-def requirements(dets: list[Detection], meta: dict, weights: list[float] | None = None) -> list[float]:
-    """Fraction met of each requirement the metadata states, in order (include items, then excludes).
-    ``weights`` (one per detection, default 1) turn counts into sums of weights and pairs into weighted pairs:
-    the soft score's near-miss shapes count in part."""
+def requirements(dets: list[Detection], meta: dict, weights: list[float] | None = None,
+                 strict: bool = False) -> list[float]:
+    """Fraction met of each requirement the metadata states, in order (include items, then excludes, then with
+    ``strict`` "nothing beyond the named objects": named / max(named, found)). ``weights`` (one per detection,
+    default 1) turn counts into sums of weights and pairs into weighted pairs: the soft score's near-miss shapes
+    count in part."""
     w = [1.0] * len(dets) if weights is None else list(weights)
     include = meta["include"]
     caps = {e["class"]: e["count"] for e in meta.get("exclude", [])}
@@ -77,6 +82,9 @@ def requirements(dets: list[Detection], meta: dict, weights: list[float] | None 
     for e in meta.get("exclude", []):
         if not any(r["class"] == e["class"] and r["count"] + 1 == e["count"] for r in include):
             out.append(float(sum(wd for d, wd in zip(dets, w) if d.shape == e["class"]) < e["count"]))
+    if strict:
+        named = sum(r["count"] for r in include)
+        out.append(named / max(named, sum(w)))
     return out
 
 
@@ -91,31 +99,34 @@ def _check(meta) -> None:
         raise ValueError(f"GenEval metadata needs 'tag' and 'include' (see world.all_prompts), got {meta!r}")
 
 
-def grade_detections(dets: list[Detection], meta: dict, soft: bool = False) -> dict:
-    """GenEval's verdict and the dense score on the detections that reach ``MIN_IOU``; with ``soft`` also
-    ``soft_score``, the dense score with every detection (near misses included) weighted by ``soft_weight``."""
+def grade_detections(dets: list[Detection], meta: dict, soft: bool = False, strict: bool = False) -> dict:
+    """GenEval's verdict, the strict verdict and the dense score on the detections that reach ``MIN_IOU``; with
+    ``soft`` also ``soft_score``, the dense score with every detection (near misses included) weighted by
+    ``soft_weight``; with ``strict`` both dense scores also ask for nothing beyond the named objects."""
     _check(meta)
     hard = [d for d in dets if d.iou >= MIN_IOU]
     req = requirements(hard, meta)
     correct = all(v == 1.0 for v in req)
     # GenEval asks for at least the named objects (bar counting): extra copies pass it. ``strict`` also wants
     # nothing more, so a model that learnt to draw several copies shows here
-    strict = correct and len(hard) == sum(r["count"] for r in meta["include"])
-    out = {"correct": correct, "strict": strict, "score": float(np.mean(req)) if req else 1.0}
+    named = sum(r["count"] for r in meta["include"])
+    if strict:
+        req = requirements(hard, meta, strict=True)
+    out = {"correct": correct, "strict": correct and len(hard) == named, "score": float(np.mean(req)) if req else 1.0}
     if soft:
-        sreq = requirements(dets, meta, [soft_weight(d.iou) for d in dets])
+        sreq = requirements(dets, meta, [soft_weight(d.iou) for d in dets], strict=strict)
         out["soft_score"] = float(np.mean(sreq)) if sreq else 1.0
     return out
 
 
-def grade_batch(images: torch.Tensor, metas: list[dict], soft: bool = False) -> list[dict]:
+def grade_batch(images: torch.Tensor, metas: list[dict], soft: bool = False, strict: bool = False) -> list[dict]:
     """grade_detections() for each image of (N, 3, H, W) in [0, 1], detecting once for the batch."""
     if len(metas) != images.shape[0]:
         raise ValueError(f"got {len(metas)} metadata entries for {images.shape[0]} images")
     for m in metas:
         _check(m)
     dets = detect_batch(images, min_iou=SOFT_IOU if soft else MIN_IOU)
-    return [grade_detections(d, m, soft) for d, m in zip(dets, metas)]
+    return [grade_detections(d, m, soft, strict) for d, m in zip(dets, metas)]
 
 
 def grade(image: torch.Tensor, meta: dict) -> dict:
