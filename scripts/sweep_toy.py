@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # flowrl, for summary(), when run as a script
 T0 = time.time()
 DEADLINE = float(os.environ.get("SWEEP_DEADLINE", "520"))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))

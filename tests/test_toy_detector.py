@@ -196,6 +196,30 @@ def test_strict_verdict_refuses_extra_copies(truth):
         build_reward("shapes", strict="yes")
 
 
+def test_strict_counts_objects_no_template_fits():
+    """A smear beside the named shape is still an extra object: strict refuses it, GenEval does not."""
+    meta = meta_of("a red circle")
+    x = _render_variant(meta, lambda m: None, n=20)
+    smeared = x.clone()
+    ok = []
+    for img in smeared:   # a red 3 x 12 bar inside five empty rows, so it touches nothing
+        rows = (img.amax(dim=(0, 2)) < 0.05).nonzero().flatten().tolist()
+        band = next((r for r in rows if all(r + k in rows for k in range(5))), None)
+        ok.append(band is not None)
+        if band is not None:
+            img[:, band + 1:band + 4, 2:14] = torch.tensor(world.COLORS["red"]).view(3, 1, 1)
+    smeared, x = smeared[ok], x[ok]
+    assert len(smeared) >= 10
+    assert any(o.shape == "" and o.iou == 0 for o in detector.detect_batch(smeared[:1], min_iou=0.0)[0])
+    assert detector.detect_batch(smeared, min_iou=detector.MIN_IOU) == detector.detect_batch(x, min_iou=detector.MIN_IOU)
+    metas = [world.metadata_of(meta)] * len(x)
+    g = geneval.grade_batch(smeared, metas)
+    assert all(e["correct"] for e in g) and not any(e["strict"] for e in g)
+    assert all(e["strict"] for e in geneval.grade_batch(x, metas))
+    strict = build_reward("shapes", strict=True)(smeared, ["p"] * len(x), metas)["shapes"]
+    assert strict.tolist() == pytest.approx([0.75] * len(x))
+
+
 def _notched_square(k):
     """A red 12 px square missing a k x k corner: a near miss of a square for k = 5 (IoU 0.73), full for k <= 4."""
     x = torch.zeros(1, 3, 32, 32)

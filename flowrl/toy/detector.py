@@ -143,7 +143,9 @@ def shape_scores(a: np.ndarray, y0: int, x0: int) -> dict[str, float]:
 
 def detect_batch(images: torch.Tensor, min_iou: float = MIN_IOU) -> list[list[Detection]]:
     """Detections for each image of (N, 3, H, W) in [0, 1]; any H, W is resized (area) to the 32x32 world.
-    ``min_iou`` below ``MIN_IOU`` also returns near-miss shapes (a soft reward weighs them by their ``iou``)."""
+    ``min_iou`` below ``MIN_IOU`` also returns near-miss shapes (a soft reward weighs them by their ``iou``);
+    ``min_iou=0`` returns every colour component of at least ``MIN_AREA`` px, those no shape's box fits with
+    shape "" and iou 0: all the objects in the image, for rules that ask for nothing beyond the named ones."""
     x = _as_numpy(images)
     labels = color_labels(x)
     comp = components(labels)
@@ -158,9 +160,12 @@ def detect_batch(images: torch.Tensor, min_iou: float = MIN_IOU) -> list[list[De
         ys, xs = np.nonzero(mask)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
         bh, bw = y1 - y0, x1 - x0
-        if not (MIN_EXTENT <= min(bh, bw) and max(bh, bw) <= MAX_EXTENT and max(bh, bw) <= MAX_ASPECT * min(bh, bw)):
-            continue
         ci = labels[i, rest // w, rest % w]
+        centroid, box = (float(xs.mean() + 0.5), float(ys.mean() + 0.5)), (int(x0), int(y0), int(x1), int(y1))
+        if not (MIN_EXTENT <= min(bh, bw) and max(bh, bw) <= MAX_EXTENT and max(bh, bw) <= MAX_ASPECT * min(bh, bw)):
+            if min_iou <= 0:   # no shape's box fits: an object all the same (merged copies, a smear)
+                out[i].append(Detection(_NAMES[ci], "", centroid, box, int(ys.size), 0.0))
+            continue
         # coverage: the component plus two rings of unlabelled (dim edge) pixels around it
         support = _dilate(_dilate(mask)) & ((comp[i] < 0) | mask)
         cov = np.where(support, np.clip(value[i] / _VMAX[ci], 0, 1), 0.0)
@@ -170,8 +175,7 @@ def detect_batch(images: torch.Tensor, min_iou: float = MIN_IOU) -> list[list[De
         shape = max(scores, key=scores.get)
         if scores[shape] < min_iou:
             continue
-        out[i].append(Detection(_NAMES[ci], shape, (float(xs.mean() + 0.5), float(ys.mean() + 0.5)),
-                                (int(x0), int(y0), int(x1), int(y1)), int(ys.size), scores[shape]))
+        out[i].append(Detection(_NAMES[ci], shape, centroid, box, int(ys.size), scores[shape]))
     return out
 
 

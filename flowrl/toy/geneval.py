@@ -13,9 +13,11 @@ Rules follow GenEval's evaluator on the metadata layout of ``world.all_prompts``
 ``correct`` is GenEval's binary verdict. ``score`` is a dense variant for rewards: the mean over requirements of
 the fraction met (count: min(found, n)/n, or 1 - |found - n|/n when an exclude caps it; colour: matches/n;
 relation: fraction of pairs that hold, 0 if a side is missing). score == 1 exactly when correct.
-``strict`` is the verdict with nothing beyond the named objects (GenEval's at-least rules pass extra copies);
-``grade_detections(..., strict=True)`` adds that as one more requirement, ``named / max(named, found)``, to the
-dense scores, so a reward trained on them cannot gain by drawing copies, and score == 1 exactly when strict.
+``strict`` is the verdict with nothing beyond the named objects (GenEval's at-least rules pass extra copies),
+counting as objects every colour component the detector sees, shapes or not: a copy that misses its template is
+still a copy. ``grade_detections(..., strict=True)`` adds that as one more requirement, ``named / max(named,
+objects)``, to the dense scores, so a reward trained on them cannot gain by drawing copies (one of which may pass),
+and score == 1 exactly when strict.
 ``soft_score`` (``soft=True``) is the dense score over the detections down to ``SOFT_IOU``, each weighted by how
 close its shape came to a template (``soft_weight``): a training reward that ranks near misses.
 """
@@ -56,11 +58,11 @@ def relations(a: Detection, b: Detection) -> set[str]:
 
 
 def requirements(dets: list[Detection], meta: dict, weights: list[float] | None = None,
-                 strict: bool = False) -> list[float]:
-    """Fraction met of each requirement the metadata states, in order (include items, then excludes, then with
-    ``strict`` "nothing beyond the named objects": named / max(named, found)). ``weights`` (one per detection,
-    default 1) turn counts into sums of weights and pairs into weighted pairs: the soft score's near-miss shapes
-    count in part."""
+                 objects: int | None = None) -> list[float]:
+    """Fraction met of each requirement the metadata states, in order (include items, then excludes, then, given
+    the image's number of ``objects``, "nothing beyond the named objects": named / max(named, objects)).
+    ``weights`` (one per detection, default 1) turn counts into sums of weights and pairs into weighted pairs:
+    the soft score's near-miss shapes count in part."""
     w = [1.0] * len(dets) if weights is None else list(weights)
     include = meta["include"]
     caps = {e["class"]: e["count"] for e in meta.get("exclude", [])}
@@ -82,9 +84,9 @@ def requirements(dets: list[Detection], meta: dict, weights: list[float] | None 
     for e in meta.get("exclude", []):
         if not any(r["class"] == e["class"] and r["count"] + 1 == e["count"] for r in include):
             out.append(float(sum(wd for d, wd in zip(dets, w) if d.shape == e["class"]) < e["count"]))
-    if strict:
+    if objects is not None:
         named = sum(r["count"] for r in include)
-        out.append(named / max(named, sum(w)))
+        out.append(named / max(named, objects))
     return out
 
 
@@ -100,9 +102,10 @@ def _check(meta) -> None:
 
 
 def grade_detections(dets: list[Detection], meta: dict, soft: bool = False, strict: bool = False) -> dict:
-    """GenEval's verdict, the strict verdict and the dense score on the detections that reach ``MIN_IOU``; with
-    ``soft`` also ``soft_score``, the dense score with every detection (near misses included) weighted by
-    ``soft_weight``; with ``strict`` both dense scores also ask for nothing beyond the named objects."""
+    """GenEval's verdict, the strict verdict and the dense score on ``dets`` (``detect_batch(min_iou=0)``: every
+    object; the verdicts and the dense score use those that reach ``MIN_IOU``); with ``soft`` also
+    ``soft_score``, the dense score with every detection weighted by ``soft_weight`` (near misses in part); with
+    ``strict`` both dense scores also ask for nothing beyond the named objects."""
     _check(meta)
     hard = [d for d in dets if d.iou >= MIN_IOU]
     req = requirements(hard, meta)
@@ -111,10 +114,10 @@ def grade_detections(dets: list[Detection], meta: dict, soft: bool = False, stri
     # nothing more, so a model that learnt to draw several copies shows here
     named = sum(r["count"] for r in meta["include"])
     if strict:
-        req = requirements(hard, meta, strict=True)
-    out = {"correct": correct, "strict": correct and len(hard) == named, "score": float(np.mean(req)) if req else 1.0}
+        req = requirements(hard, meta, objects=len(dets))
+    out = {"correct": correct, "strict": correct and len(dets) == named, "score": float(np.mean(req)) if req else 1.0}
     if soft:
-        sreq = requirements(dets, meta, [soft_weight(d.iou) for d in dets], strict=strict)
+        sreq = requirements(dets, meta, [soft_weight(d.iou) for d in dets], objects=len(dets) if strict else None)
         out["soft_score"] = float(np.mean(sreq)) if sreq else 1.0
     return out
 
@@ -125,7 +128,7 @@ def grade_batch(images: torch.Tensor, metas: list[dict], soft: bool = False, str
         raise ValueError(f"got {len(metas)} metadata entries for {images.shape[0]} images")
     for m in metas:
         _check(m)
-    dets = detect_batch(images, min_iou=SOFT_IOU if soft else MIN_IOU)
+    dets = detect_batch(images, min_iou=0.0)
     return [grade_detections(d, m, soft, strict) for d, m in zip(dets, metas)]
 
 
