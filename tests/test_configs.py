@@ -56,7 +56,7 @@ def _family(raw: dict) -> str:
 def _standins(path: Path) -> list[str]:
     """Overrides that make a recipe validate offline: tiny model, a registered reward, stand-in train prompts."""
     raw = _raw(path)
-    out = [f"model.path=tiny:{_family(raw)}", "rewards.components=brightness:1"]
+    out = [f"model.path=tiny:{_family(raw)}", "rewards.components=brightness:1", "rewards.kwargs={}"]
     if path.name in USER_PROVIDED_TRAIN:
         out.append(f"data.train_prompts={USER_PROVIDED_TRAIN[path.name][1]}")
     return out
