@@ -24,8 +24,9 @@ class ShapesReward(Reward):
     in soft mode, ``dense``.
 
     ``strict=True`` makes the score say what the prompt means: the dense scores gain the requirement "nothing
-    beyond the named objects" (``named / max(named, found)``) and binary becomes the strict verdict. Trained on
-    GenEval's rules alone, models learn to draw several copies of the named shapes, which those rules accept.
+    beyond the named objects" (``named / max(named, objects)``, every colour component the detector sees counting as
+    an object) and binary becomes the strict verdict. Trained on GenEval's rules alone, models learn to draw
+    several copies of the named shapes, which those rules accept.
 
     Dense is the default because a group of samples that all fail GenEval's binary check would give
     group-relative advantages of zero; partial credit (one of two objects, three of four circles) still ranks them.
