@@ -211,7 +211,8 @@ def test_strict_counts_objects_no_template_fits():
     smeared, x = smeared[ok], x[ok]
     assert len(smeared) >= 10
     assert any(o.shape == "" and o.iou == 0 for o in detector.detect_batch(smeared[:1], min_iou=0.0)[0])
-    assert detector.detect_batch(smeared, min_iou=detector.MIN_IOU) == detector.detect_batch(x, min_iou=detector.MIN_IOU)
+    shapes_only = detector.MIN_IOU
+    assert detector.detect_batch(smeared, min_iou=shapes_only) == detector.detect_batch(x, min_iou=shapes_only)
     metas = [world.metadata_of(meta)] * len(x)
     g = geneval.grade_batch(smeared, metas)
     assert all(e["correct"] for e in g) and not any(e["strict"] for e in g)
