@@ -88,17 +88,21 @@ if os.environ.get("SWEEP_SET") == "nft":
         "nft_lr1e3_c2": (380, N("training.lr=1e-3", "advantages.clip=2.0")),
         "nft_lr1e3_e2": (300, N("training.lr=1e-3", "training.inner_epochs=2", "training.updates_per_epoch=2")),
     }
+# configs/toy_nft.yaml now ships the winner (strict soft reward, soft update): each variant states its reward and
+# its soft update, so the set reruns as measured
 STRICT = "rewards.kwargs={shapes: {strict: true}}"
+DENSE = "rewards.kwargs={}"
 ETA = ["training.nft_eta_max=0.5", "training.nft_eta_rate=0.001"]
+NO_ETA = ["training.nft_eta_max=0.0"]
 if os.environ.get("SWEEP_SET") == "strict":   # variants of configs/toy_nft.yaml (CFG-free, 480 its on 2 cores)
     CFG, LORA_GUIDANCE = "configs/toy_nft.yaml", "1.0"
     CONFIGS = {
-        "dense": (480, []),
-        "strict": (480, [STRICT]),
+        "dense": (480, [DENSE] + NO_ETA),
+        "strict": (480, [STRICT] + NO_ETA),
         "strict_eta": (480, [STRICT] + ETA),
-        "strict_lr1e3": (480, [STRICT, "training.lr=1e-3"]),
+        "strict_lr1e3": (480, [STRICT, "training.lr=1e-3"] + NO_ETA),
         "strict_lr1e3_eta": (480, [STRICT, "training.lr=1e-3"] + ETA),
-        "strict_soft_eta": (480, [STRICT, "rewards.kwargs={shapes: {strict: true, mode: soft}}"] + ETA),
+        "strict_soft_eta": (480, ["rewards.kwargs={shapes: {strict: true, mode: soft}}"] + ETA),
         "strict_bin_eta": (480, ["rewards.kwargs={shapes: {strict: true, mode: binary}}"] + ETA),
         "strict_eta3": (480, [STRICT, "training.nft_eta_max=0.5", "training.nft_eta_rate=0.003"]),
         "strict_b01_eta": (480, [STRICT, "training.nft_beta=0.1"] + ETA),
