@@ -4,6 +4,7 @@ with a checkpoint of the last good state; a failing reward is retried, then fail
 touching earlier checkpoints; everything a checkpoint registers comes back on resume."""
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import fault_rewards  # noqa: F401 (registers test_nan, test_flaky)
@@ -149,11 +150,31 @@ def test_failing_reward_is_retried_then_fails_by_name_leaving_checkpoints_intact
     assert len((tmp_path / "fails" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_lr_schedule_counts_iterations(tmp_path, schedule):
+    """Warm-up and decay are given in iterations; the scheduler steps once per optimizer step (here 2 per
+    iteration), so the rate is 0 at the start, peaks after the warm-up iteration and reaches its closed form."""
+    its, warm, k, lr = 5, 1, 2, 1e-3
+    tr = trainer(tmp_path, f"run.iterations={its}", f"training.warmup_iterations={warm}", "training.inner_epochs=1",
+                 f"training.updates_per_epoch={k}", f"training.lr_schedule={schedule}", f"training.lr={lr}")
+    rates = []
+    for _ in range(its * k):
+        rates.append(tr.lr_scheduler.get_last_lr()[0])
+        tr.optimizer.step()
+        tr.lr_scheduler.step()
+    decay = [(s - warm * k) / ((its - warm) * k) for s in range(warm * k, its * k)]
+    after = {"constant": [1.0] * len(decay), "linear": [1 - p for p in decay],
+             "cosine": [0.5 * (1 + math.cos(math.pi * p)) for p in decay]}[schedule]
+    assert rates[:warm * k] == pytest.approx([lr * s / (warm * k) for s in range(warm * k)])
+    assert rates[warm * k:] == pytest.approx([lr * f for f in after])
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_everything_registered_comes_back_on_resume(tmp_path, mode):
     """Trained weights (the LoRA file, or the full model through accelerate), Adam, LR schedule, EMA, per-prompt
     tracker, loop state and the global RNGs, exactly."""
-    extra = ["advantages.per_prompt_tracker=true", "training.warmup_iterations=3", "run.iterations=4",
+    extra = ["advantages.per_prompt_tracker=true", "training.warmup_iterations=1", "training.lr_schedule=cosine",
+             "run.iterations=4",
              f"finetune.mode={mode}", "training.lr=1e-3"]
     tr = trainer(tmp_path, *extra)
 

@@ -105,6 +105,8 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     warmup_iterations: int = 0
+    lr_schedule: str = "constant"        # after warm-up: constant | cosine | linear (to 0 at run.iterations; diffusers'
+                                         # get_scheduler, counted in optimizer steps)
     inner_epochs: int = 1
     updates_per_epoch: int = 1           # optimizer steps per pass over the iteration's units (flow_grpo: 2)
     micro_batch_size: int = 8            # training units (denoising steps) per forward/backward per process

@@ -19,6 +19,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -171,8 +172,11 @@ class Trainer:
         t = cfg.training
         optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                       weight_decay=t.weight_decay)
-        warm = max(t.warmup_iterations, 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warm + 1)))
+        # the scheduler counts optimizer steps; the config counts iterations
+        steps = t.inner_epochs * t.updates_per_epoch
+        scheduler = get_scheduler("constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
+                                  num_warmup_steps=t.warmup_iterations * steps,
+                                  num_training_steps=cfg.run.iterations * steps)
         # the pipeline keeps the plain module for rollouts; training goes through the (DDP-)wrapped twin
         # the scheduler stays unprepared: accelerate would step it once per process, changing warmup with W
         self.model, self.optimizer = self.acc.prepare(denoiser, optimizer)

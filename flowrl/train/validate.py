@@ -16,6 +16,7 @@ CHOICES = {
     "advantages.std": ("group", "global", "none"),
     "training.log_prob_reduction": ("mean", "sum"),
     "training.objective": ("grpo", "nft"),
+    "training.lr_schedule": ("constant", "cosine", "linear"),
 }
 POSITIVE = ("run.iterations", "sampling.num_steps", "data.prompts_per_iteration", "training.lr",
             "training.inner_epochs", "training.updates_per_epoch", "training.micro_batch_size",
