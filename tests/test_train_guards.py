@@ -169,37 +169,52 @@ def test_lr_schedule_counts_iterations(tmp_path, schedule):
     assert rates[warm * k:] == pytest.approx([lr * f for f in after])
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+NFT = ["training.objective=nft", "training.nft_eta_max=0.5", "training.nft_eta_rate=0.2",
+       "training.updates_per_epoch=2"]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full", "nft"])
 def test_everything_registered_comes_back_on_resume(tmp_path, mode):
     """Trained weights (the LoRA file, or the full model through accelerate), Adam, LR schedule, EMA, per-prompt
-    tracker, loop state and the global RNGs, exactly."""
+    tracker, DiffusionNFT's soft-updated sampling policy, loop state and the global RNGs come back exactly, and the
+    resumed run's next iteration equals the straight run's bit for bit."""
     extra = ["advantages.per_prompt_tracker=true", "training.warmup_iterations=1", "training.lr_schedule=cosine",
-             "run.iterations=4",
-             f"finetune.mode={mode}", "training.lr=1e-3"]
+             "run.iterations=4", f"finetune.mode={'full' if mode == 'full' else 'lora'}", "training.lr=1e-3",
+             *(NFT if mode == "nft" else [])]
     tr = trainer(tmp_path, *extra)
 
-    def step(it):
-        tr.state.iteration = it + 1
-        tr.rows.append(tr.iteration(it))
-        with open(tr.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(tr.rows[-1]) + "\n")
+    def step(t, it):
+        t.state.iteration = it + 1
+        t.rows.append(t.iteration(it))
+        with open(t.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(t.rows[-1]) + "\n")
 
-    step(0)
-    step(1)
-    path = tr._save_checkpoint(2, None)
-    expected = {**snapshot(tr), "tracker": tr.tracker.state_dict(), "state": tr.state.state_dict(),
+    def everything(t) -> dict:
+        soft = [p.clone() for p in t.sampler.state_dict()["params"]] if t.sampler is not None else []
+        return {**snapshot(t), "soft": soft, "tracker": t.tracker.state_dict(), "state": t.state.state_dict(),
                 "rng": torch.get_rng_state()}
-    assert expected["tracker"]["history"] and expected["lr_steps"] == 2
-    step(2)  # a later checkpoint and metrics row, which resuming from the earlier checkpoint discards
+
+    step(tr, 0)
+    step(tr, 1)
+    path = tr._save_checkpoint(2, None)
+    expected = everything(tr)
+    assert expected["tracker"]["history"] and expected["lr_steps"] == 2 * (2 if mode == "nft" else 1)
+    if mode == "nft":  # the sampling policy lags the trained weights
+        assert not all(torch.equal(a, b.detach()) for a, b in zip(expected["soft"], tr.params))
+    step(tr, 2)  # a later checkpoint and metrics row, which resuming from the earlier checkpoint discards
+    straight = {**everything(tr), "row": {k: v for k, v in tr.rows[-1].items() if not k.startswith("time/")}}
     later = tr._save_checkpoint(3, None)
     torch.rand(5)  # move the global generator on: the resume must put it back
 
     again = trainer(tmp_path, *extra, resume=str(path))
     assert again.resume_from == path and not later.exists()
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
-    got = {**snapshot(again), "tracker": again.tracker.state_dict(), "state": again.state.state_dict(),
-           "rng": torch.get_rng_state()}
+    got = everything(again)
     assert same(got, expected) and got["tracker"] == expected["tracker"] and got["state"] == expected["state"]
     assert len(again.rows) == 2
-    weights = {"lora": "pytorch_lora_weights.safetensors", "full": "model.safetensors"}
+    weights = {"lora": "pytorch_lora_weights.safetensors", "nft": "pytorch_lora_weights.safetensors",
+               "full": "model.safetensors"}
     assert sorted(p.name for p in path.glob("*.safetensors")) == [weights[mode]]
+    step(again, 2)
+    resumed = {**everything(again), "row": {k: v for k, v in again.rows[-1].items() if not k.startswith("time/")}}
+    assert same(resumed, straight) and resumed["row"] == straight["row"]
