@@ -106,6 +106,10 @@ def test_config_changes_allowed_on_resume_and_refused(tmp_path):
                             ("finetune.lora_rank=4", "finetune.lora_rank")]:
         with pytest.raises(ConfigError, match=rf"^--resume: {field} was "):
             check_config(saved, to_dict(load_config(RECIPE, [override])))
+    # a decaying learning rate ends at run.iterations: a new length would bend the schedule under way
+    cosine = to_dict(load_config(RECIPE, ["training.lr_schedule=cosine"]))
+    with pytest.raises(ConfigError, match=r"^--resume: run.iterations was 40 .* decays to 0 at run.iterations"):
+        check_config(cosine, to_dict(load_config(RECIPE, ["training.lr_schedule=cosine", "run.iterations=99"])))
 
 
 def test_cli_refuses_a_changed_field_before_loading_anything(tmp_path):

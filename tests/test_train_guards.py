@@ -218,3 +218,22 @@ def test_everything_registered_comes_back_on_resume(tmp_path, mode):
     step(again, 2)
     resumed = {**everything(again), "row": {k: v for k, v in again.rows[-1].items() if not k.startswith("time/")}}
     assert same(resumed, straight) and resumed["row"] == straight["row"]
+
+
+def test_eval_samples_at_eval_guidance(tmp_path, monkeypatch):
+    """eval.guidance_scale, when set, is the guidance of the eval images (and the before/after grid); otherwise
+    the rollouts' sampling.guidance_scale."""
+    import flowrl.train.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.rollout
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["guidance_scale"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "rollout", spy)
+    evals = [f"data.eval_prompts={ROOT / 'flowrl/data/prompts/tiny_eval.txt'}"]
+    trainer(tmp_path, *evals, name="a")._eval_images([0])
+    trainer(tmp_path, *evals, "eval.guidance_scale=3.0", name="b")._eval_images([0])
+    assert seen == [1.0, 3.0]

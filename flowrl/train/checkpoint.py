@@ -231,6 +231,11 @@ def check_config(saved: dict, current: dict) -> None:
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<absent>") == new.get(key, "<absent>"):
             continue
+        decays = new.get("training.lr_schedule", "constant") != "constant"
+        if key == "run.iterations" and decays:
+            raise ConfigError(f"--resume: run.iterations was {old.get(key)!r} in the checkpoint and is "
+                              f"{new.get(key)!r} now; training.lr_schedule {new['training.lr_schedule']!r} decays to "
+                              "0 at run.iterations, so a new length would bend the schedule already under way")
         if key in RESUMABLE or any(key.startswith(f"{r}.") for r in RESUMABLE):
             continue
         raise ConfigError(f"--resume: {key} was {old.get(key, '<absent>')!r} in the checkpoint and is "

@@ -133,6 +133,8 @@ class EvalConfig:
     every: int = 0                       # iterations between evaluations (ODE sampler, eval prompts); 0: never
     num_prompts: int = 8
     num_steps: int | None = None         # None: sampling.num_steps
+    guidance_scale: float | None = None  # None: sampling.guidance_scale (a policy trained CFG-free may sample
+                                         # best with some guidance); also the before/after grid's
     seed: int = 1234
 
 

@@ -581,12 +581,12 @@ class Trainer:
         """ODE samples (one per prompt, the eval seed) of the given eval prompts with the current (EMA) weights."""
         c = self.cfg
         with self._ema_weights(), self.acc.autocast():
+            guidance = c.sampling.guidance_scale if c.eval.guidance_scale is None else c.eval.guidance_scale
             forest = rollout(self.policy, [self.eval_set.prompts[i] for i in indices], plan=Flat(1),
                              kernel=self.kernel, schedule=Constant(0.0),
-                             num_steps=c.eval.num_steps or c.sampling.num_steps,
-                             guidance_scale=c.sampling.guidance_scale, height=c.model.height, width=c.model.width,
-                             seed=c.eval.seed, prompt_ids=indices, negative_prompt=c.sampling.negative_prompt,
-                             max_batch=c.sampling.max_batch)
+                             num_steps=c.eval.num_steps or c.sampling.num_steps, guidance_scale=guidance,
+                             height=c.model.height, width=c.model.width, seed=c.eval.seed, prompt_ids=indices,
+                             negative_prompt=c.sampling.negative_prompt, max_batch=c.sampling.max_batch)
             return self._decode(forest.latents[forest.leaves()])
 
     @torch.no_grad()

@@ -60,6 +60,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"finetune.ema_decay: must be in [0, 1), got {cfg.finetune.ema_decay}")
     if len(cfg.training.adam_betas) != 2:
         raise ConfigError("training.adam_betas: expected two numbers")
+    if cfg.eval.guidance_scale is not None and cfg.eval.guidance_scale < 0:
+        raise ConfigError(f"eval.guidance_scale: must be >= 0 or null, got {cfg.eval.guidance_scale}")
     if cfg.rewards.timeout is not None and cfg.rewards.timeout <= 0:
         raise ConfigError(f"rewards.timeout: must be > 0 seconds or null, got {cfg.rewards.timeout}")
     if cfg.advantages.per_prompt_tracker:
