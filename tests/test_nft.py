@@ -255,3 +255,37 @@ def test_soft_updated_sampling_policy(tmp_path, monkeypatch):
                           (["training.nft_eta_max=1.0"], "nft_eta_max")):
         with pytest.raises(ConfigError, match=needle):
             validate(load_config(str(ROOT / "configs" / "tiny_smoke.yaml"), sets + extra))
+
+
+def test_kl_reference_velocity_once_per_iteration(tmp_path, monkeypatch):
+    """With several updates per iteration the base's velocity at each unit's fixed draw is computed once, before
+    the first update, and the penalty equals the one recomputed per update."""
+    import copy
+
+    from flowrl.train import nft as nft_mod
+    from flowrl.train import trainer as trainer_mod
+    from flowrl.train.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / "tiny_smoke.yaml"), [
+        f"run.output_dir={tmp_path / 'run'}", "training.objective=nft", "training.lr=1e-2",
+        "sampling.schedule={name: constant, scale: 0.0}", "training.kl_beta=0.1", "training.updates_per_epoch=2",
+        "eval.every=0", "run.progress=false"])
+    captured, real_loss_fn = [], nft_mod.loss_fn
+    monkeypatch.setattr(nft_mod, "loss_fn", lambda *a, **kw: captured.append(a) or real_loss_fn(*a, **kw))
+    trainer = trainer_mod.Trainer(cfg)
+    trainer.iteration(0)  # the LoRA moves off its zero start: the penalty is non-zero
+    policy, forest, units, unit_adv, c, reference, autocast, sampling = captured[-1]
+    calls, real_velocity = [], nft_mod.velocity
+    monkeypatch.setattr(nft_mod, "velocity", lambda *a: calls.append(a[-1]) or real_velocity(*a))
+
+    cached = real_loss_fn(policy, forest, units, unit_adv, c, reference, autocast, sampling)
+    assert calls == [False, False, True, True]  # v_old and the reference, per micro-batch of 32 (64 units)
+    per_update = copy.deepcopy(c)
+    per_update.training.updates_per_epoch = per_update.training.inner_epochs = 1
+    fresh = real_loss_fn(policy, forest, units, unit_adv, per_update, reference, autocast, sampling)
+    mb = torch.arange(8, 24)
+    calls.clear()
+    kl_cached = cached(mb)[1]["kl"]
+    assert calls == [False]  # the update itself: the trained velocity only
+    kl_fresh = fresh(mb)[1]["kl"]
+    assert float(kl_cached.min()) > 0 and torch.allclose(kl_cached, kl_fresh, rtol=1e-4, atol=1e-9)

@@ -148,10 +148,15 @@ def loss_fn(policy: Policy, forest: Forest, units: NFTUnits, unit_adv: Tensor, c
         draw = forward_process(units, mb, forest.grid, policy.device)  # x0, noise, t, timesteps, prompt
         return velocity(policy, forest.cond, *draw, gs, guided), draw
 
-    v_old = None
-    if sampling_policy is not None or t.inner_epochs * t.updates_per_epoch > 1:
-        with torch.no_grad(), autocast(), (sampling_policy or contextlib.nullcontext)():
-            v_old = torch.cat([v_at(mb)[0] for mb in torch.split(torch.arange(len(units)), t.micro_batch_size)])
+    def every_unit(guided, weights):
+        with torch.no_grad(), autocast(), weights():
+            return torch.cat([v_at(mb, guided)[0] for mb in torch.split(torch.arange(len(units)), t.micro_batch_size)])
+
+    several = t.inner_epochs * t.updates_per_epoch > 1
+    v_old = every_unit(t.nft_guided, sampling_policy or contextlib.nullcontext) if (
+        sampling_policy is not None or several) else None
+    # the base's velocity at a unit's draw is fixed for the iteration: once for all updates, not once per update
+    v_ref = every_unit(True, reference) if t.kl_beta > 0 and several else None
 
     def fn(mb):
         v, draw = v_at(mb)
@@ -163,9 +168,12 @@ def loss_fn(policy: Policy, forest: Forest, units: NFTUnits, unit_adv: Tensor, c
             # penalty toward the base weights on the velocity the sampler uses (guided under CFG): the
             # conditional one alone would leave the unconditional branch, which LoRA also moves, free to drift
             v_pol = v if t.nft_guided else guide(policy, forest.cond, *draw, gs, v)
-            with torch.no_grad(), reference():
-                v_ref = v_at(mb, guided=True)[0]
-            kl = (v_pol - v_ref).pow(2).reshape(len(mb), -1).mean(1)
+            if v_ref is None:
+                with torch.no_grad(), reference():
+                    ref = v_at(mb, guided=True)[0]
+            else:
+                ref = v_ref[mb]
+            kl = (v_pol - ref).pow(2).reshape(len(mb), -1).mean(1)
             loss = loss + t.kl_beta * kl
             stats["kl"] = kl.detach()
         return loss, stats
