@@ -153,8 +153,8 @@ def loss_fn(policy: Policy, forest: Forest, units: NFTUnits, unit_adv: Tensor, c
             return torch.cat([v_at(mb, guided)[0] for mb in torch.split(torch.arange(len(units)), t.micro_batch_size)])
 
     several = t.inner_epochs * t.updates_per_epoch > 1
-    v_old = every_unit(t.nft_guided, sampling_policy or contextlib.nullcontext) if (
-        sampling_policy is not None or several) else None
+    v_old = (every_unit(t.nft_guided, sampling_policy or contextlib.nullcontext)
+             if sampling_policy is not None or several else None)
     # the base's velocity at a unit's draw is fixed for the iteration: once for all updates, not once per update
     v_ref = every_unit(True, reference) if t.kl_beta > 0 and several else None
 
