@@ -289,3 +289,58 @@ def test_kl_reference_velocity_once_per_iteration(tmp_path, monkeypatch):
     assert calls == [False]  # the update itself: the trained velocity only
     kl_fresh = fresh(mb)[1]["kl"]
     assert float(kl_cached.min()) > 0 and torch.allclose(kl_cached, kl_fresh, rtol=1e-4, atol=1e-9)
+
+
+def test_merged_sampling_is_the_same_policy_with_one_matmul_per_layer(tmp_path, monkeypatch):
+    """finetune.merged_sampling: rollouts, v_old and evals run the LoRA merged into the base weights. The merged
+    forward equals the adapter's, the frozen base tensors come back untouched (the same objects, the same bits),
+    the KL reference cannot be taken inside it, and two runs with and without merging agree. Validation keeps it
+    to LoRA + NFT."""
+    from flowrl.train import finetune
+    from flowrl.train import trainer as trainer_mod
+    from flowrl.train.config import ConfigError, load_config
+    from flowrl.train.validate import validate
+
+    sets = ["training.objective=nft", "training.lr=1e-2", "training.updates_per_epoch=2", "run.progress=false",
+            "sampling.schedule={name: constant, scale: 0.0}", "training.nft_eta_max=0.5", "training.nft_eta_rate=0.5",
+            "eval.every=2", "eval.num_prompts=4"]
+    recipe = str(ROOT / "configs" / "tiny_smoke.yaml")
+    entered, real_merged = [], finetune.merged_lora
+    monkeypatch.setattr(finetune, "merged_lora", lambda d: entered.append(1) or real_merged(d))
+    runs = {}
+    for merged in (False, True):
+        cfg = load_config(recipe, sets + [f"run.output_dir={tmp_path / str(merged)}",
+                                          f"finetune.merged_sampling={str(merged).lower()}"])
+        trainer = trainer_mod.Trainer(cfg)
+        runs[merged] = ([trainer.iteration(0), trainer.iteration(1), trainer.evaluate(1)], trainer)
+    assert len(entered) == 2 * 2 + 1  # each iteration's rollout and v_old, and the eval
+    (plain_rows, _), (merged_rows, trainer) = runs[False], runs[True]
+    for a, b in zip(plain_rows, merged_rows):
+        for k in a:
+            if not k.startswith("time/"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    assert any(float(p.detach().abs().max()) > 0 for n, p in trainer.acc.unwrap_model(trainer.model).named_parameters()
+               if "lora_B" in n)
+
+    denoiser = trainer.acc.unwrap_model(trainer.model)
+    before = {n: (p, p.detach().clone()) for n, p in denoiser.named_parameters()}
+    forest = trainer._rollout(trainer.train_set.prompts[:1], [0], 0)
+    xt, ts, idx = torch.randn_like(forest.latents[:2]), torch.tensor([300.0, 700.0]), torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        plain = trainer.policy.predict(xt, ts, forest.cond, idx, 1.0)
+        with real_merged(denoiser):
+            merged = trainer.policy.predict(xt, ts, forest.cond, idx, 1.0)
+            with pytest.raises(RuntimeError, match="merged_lora"), finetune.base_weights(denoiser):
+                pass
+        with finetune.base_weights(denoiser):
+            base = trainer.policy.predict(xt, ts, forest.cond, idx, 1.0)
+    assert torch.allclose(merged, plain, rtol=1e-5, atol=1e-5) and not torch.allclose(base, plain, atol=1e-3)
+    after = dict(denoiser.named_parameters())
+    assert all(after[n] is p and torch.equal(p, saved) for n, (p, saved) in before.items())
+    assert torch.equal(trainer.policy.predict(xt, ts, forest.cond, idx, 1.0), plain)  # the adapter is back on
+
+    for extra, needle in ((["training.objective=grpo", "sampling.schedule={name: constant}",
+                            "training.nft_eta_max=0.0"], "merged_sampling"),
+                          (["finetune.mode=full", "training.nft_eta_max=0.0"], "merged_sampling")):
+        with pytest.raises(ConfigError, match=needle):
+            validate(load_config(recipe, sets + ["finetune.merged_sampling=true"] + extra))

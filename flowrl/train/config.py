@@ -54,6 +54,8 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0               # EMA of the trained weights (0: off); used for eval and the output
+    merged_sampling: bool = False        # LoRA + nft: rollouts, v_old and evals through the LoRA merged into
+                                         # the base weights (no gradient there; one matmul per layer)
 
 
 @dataclass

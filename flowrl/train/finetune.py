@@ -42,11 +42,48 @@ def add_lora(denoiser, family: str, rank: int, alpha: float | None, targets: lis
 @contextlib.contextmanager
 def base_weights(denoiser):
     """The base model's output for the KL reference: the LoRA adapter off for the duration."""
+    if getattr(denoiser, "_lora_merged", False):  # the base weights are the merged ones in there
+        raise RuntimeError("base_weights inside merged_lora: the base weights hold the merged LoRA there")
     denoiser.disable_adapters()
     try:
         yield
     finally:
         denoiser.enable_adapters()
+
+
+@contextlib.contextmanager
+def merged_lora(denoiser):
+    """Forwards without gradient through the LoRA merged into the base weights (W + scaling * B A per layer, via
+    peft's ``get_delta_weight``) with the adapter switched off: one matmul per layer instead of three (a LoRA
+    forward of the toy model costs ~40% more than a plain one). The original base tensors are put back as they
+    were, not unmerged by subtraction, so no rounding accumulates in the frozen weights. Does nothing while the
+    adapter is already off."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged]
+    if not layers:
+        yield
+        return
+    swapped = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                active = [a for a in layer.active_adapters if a in layer.lora_A]
+                if any(layer.use_dora.get(a, False) for a in active):
+                    raise ValueError("merged_lora: DoRA layers are not supported (their magnitude is not a sum)")
+                base = layer.get_base_layer()
+                merged = base.weight + sum(layer.get_delta_weight(a) for a in active).to(base.weight.dtype)
+                swapped.append((base, base.weight))
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+        denoiser.disable_adapters()
+        denoiser._lora_merged = True
+        yield
+    finally:
+        denoiser._lora_merged = False
+        if swapped:
+            denoiser.enable_adapters()
+        for base, weight in swapped:
+            base.weight = weight
 
 
 def frozen_copy(denoiser):

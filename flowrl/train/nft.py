@@ -133,13 +133,14 @@ class SoftPolicy:
 
 
 def loss_fn(policy: Policy, forest: Forest, units: NFTUnits, unit_adv: Tensor, cfg, reference, autocast,
-            sampling_policy=None):
+            sampling_policy=None, merged=contextlib.nullcontext):
     """The iteration's per-unit loss ``fn(unit ids) -> (losses, stats)`` for the trainer's update loop.
 
     v_old is the sampling policy's velocity: the current weights while the iteration makes one update, else
     recorded for every unit before the first; with ``sampling_policy`` (a context manager under which ``policy``
     holds the soft-updated theta_old) always recorded, under it. ``reference``: a context manager under which
-    ``policy`` is the base model (the KL term); ``autocast``: the accelerator's.
+    ``policy`` is the base model (the KL term); ``autocast``: the accelerator's; ``merged``: a context manager for
+    v_old's gradient-free forwards without a sampling policy (merged LoRA weights, or nothing).
     """
     t, gs = cfg.training, cfg.sampling.guidance_scale
     r_all = nft_optimality(unit_adv, cfg.advantages.clip)
@@ -153,7 +154,7 @@ def loss_fn(policy: Policy, forest: Forest, units: NFTUnits, unit_adv: Tensor, c
             return torch.cat([v_at(mb, guided)[0] for mb in torch.split(torch.arange(len(units)), t.micro_batch_size)])
 
     several = t.inner_epochs * t.updates_per_epoch > 1
-    v_old = (every_unit(t.nft_guided, sampling_policy or contextlib.nullcontext)
+    v_old = (every_unit(t.nft_guided, sampling_policy or merged)
              if sampling_policy is not None or several else None)
     # the base's velocity at a unit's draw is fixed for the iteration: once for all updates, not once per update
     v_ref = every_unit(True, reference) if t.kl_beta > 0 and several else None

@@ -449,7 +449,7 @@ class Trainer:
             units, unit_prompt = torch.arange(len(nft_units)), nft_units.unit_prompt
             unit_adv = leaf_adv.repeat_interleave(nft_units.K)
             loss_fn = nft.loss_fn(self.policy, forest, nft_units, unit_adv, c, self._reference, self.acc.autocast,
-                                  self._sampling_weights if self.sampler is not None else None)
+                                  self._sampling_weights if self.sampler is not None else None, self._merged)
         else:  # grpo: the trainable SDE steps, each with its trajectory's advantage
             units = select_units(forest, c.training.timestep_fraction, c.run.seed, it)
             unit_adv, unit_prompt = broadcast_advantages(forest, leaf_adv), forest.node_prompt[forest.src]
@@ -580,7 +580,7 @@ class Trainer:
     def _eval_images(self, indices: list[int]) -> torch.Tensor:
         """ODE samples (one per prompt, the eval seed) of the given eval prompts with the current (EMA) weights."""
         c = self.cfg
-        with self._ema_weights(), self.acc.autocast():
+        with self._ema_weights(), self._merged(), self.acc.autocast():
             guidance = c.sampling.guidance_scale if c.eval.guidance_scale is None else c.eval.guidance_scale
             forest = rollout(self.policy, [self.eval_set.prompts[i] for i in indices], plan=Flat(1),
                              kernel=self.kernel, schedule=Constant(0.0),
@@ -611,12 +611,17 @@ class Trainer:
 
     @contextlib.contextmanager
     def _sampling_weights(self):
-        """Rollouts (and NFT's v_old) use the soft-updated sampling policy when there is one."""
-        if self.sampler is None:
-            yield
-            return
-        with self.sampler.active(self.params):
-            yield
+        """Rollouts (and NFT's v_old) use the soft-updated sampling policy when there is one, merged into the base
+        weights under finetune.merged_sampling."""
+        with self.sampler.active(self.params) if self.sampler is not None else contextlib.nullcontext():
+            with self._merged():
+                yield
+
+    def _merged(self):
+        """Gradient-free forwards through the LoRA merged into the base weights (finetune.merged_sampling)."""
+        if not self.cfg.finetune.merged_sampling:
+            return contextlib.nullcontext()
+        return finetune.merged_lora(self.acc.unwrap_model(self.model))
 
     @contextlib.contextmanager
     def _ema_weights(self):

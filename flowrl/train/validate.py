@@ -92,6 +92,11 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.training.nft_eta_max < 1:
         raise ConfigError(f"training.nft_eta_max: the sampling policy's soft-update weight must be in [0, 1), got "
                           f"{cfg.training.nft_eta_max!r}")
+    if cfg.finetune.merged_sampling and (cfg.finetune.mode != "lora" or cfg.training.objective != "nft"):
+        # a policy-gradient ratio compares the rollout's log-probs with the update's unmerged forward: the two must
+        # be the same computation, and merged weights round differently (visibly so in bf16)
+        raise ConfigError("finetune.merged_sampling: needs finetune.mode lora and training.objective nft (GRPO's "
+                          "ratio needs the rollout's log-probs from the same unmerged forward as the update)")
     if cfg.training.nft_eta_max > 0 and cfg.training.objective != "nft":
         raise ConfigError("training.nft_eta_max: a soft-updated sampling policy is DiffusionNFT's (objective: nft); "
                           "grpo's log-prob ratios need rollouts from the weights of the iteration's start")
