@@ -274,15 +274,15 @@ def test_kl_reference_velocity_once_per_iteration(tmp_path, monkeypatch):
     monkeypatch.setattr(nft_mod, "loss_fn", lambda *a, **kw: captured.append(a) or real_loss_fn(*a, **kw))
     trainer = trainer_mod.Trainer(cfg)
     trainer.iteration(0)  # the LoRA moves off its zero start: the penalty is non-zero
-    policy, forest, units, unit_adv, c, reference, autocast, sampling = captured[-1]
+    policy, forest, units, unit_adv, c, reference, autocast, sampling, merged = captured[-1]
     calls, real_velocity = [], nft_mod.velocity
     monkeypatch.setattr(nft_mod, "velocity", lambda *a: calls.append(a[-1]) or real_velocity(*a))
 
-    cached = real_loss_fn(policy, forest, units, unit_adv, c, reference, autocast, sampling)
+    cached = real_loss_fn(policy, forest, units, unit_adv, c, reference, autocast, sampling, merged)
     assert calls == [False, False, True, True]  # v_old and the reference, per micro-batch of 32 (64 units)
     per_update = copy.deepcopy(c)
     per_update.training.updates_per_epoch = per_update.training.inner_epochs = 1
-    fresh = real_loss_fn(policy, forest, units, unit_adv, per_update, reference, autocast, sampling)
+    fresh = real_loss_fn(policy, forest, units, unit_adv, per_update, reference, autocast, sampling, merged)
     mb = torch.arange(8, 24)
     calls.clear()
     kl_cached = cached(mb)[1]["kl"]
