@@ -54,10 +54,11 @@ def base_weights(denoiser):
 @contextlib.contextmanager
 def merged_lora(denoiser):
     """Forwards without gradient through the LoRA merged into the base weights (W + scaling * B A per layer, via
-    peft's ``get_delta_weight``) with the adapter switched off: one matmul per layer instead of three (a LoRA
-    forward of the toy model costs ~40% more than a plain one). The original base tensors are put back as they
-    were, not unmerged by subtraction, so no rounding accumulates in the frozen weights. Does nothing while the
-    adapter is already off."""
+    peft's ``get_delta_weight``) with the adapter switched off: one matmul per layer instead of three (the toy
+    recipes' rollouts take 0.84 of the time, scripts/bench_merged_lora.py). The merged weight has the base's
+    dtype: a bfloat16 base rounds the LoRA's delta with it. The original base tensors are put back as they were,
+    not unmerged by subtraction, so no rounding accumulates in the frozen weights. Does nothing while the adapter
+    is already off."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged]
