@@ -43,28 +43,25 @@ def main():
     per_prompt = max(1, args.batch // len(prompts))
 
     @torch.no_grad()
-    def sample():
+    def adapter():
         return rollout(policy, prompts, plan=Flat(per_prompt), kernel=FlowSDE(a=0.7), schedule=Constant(0.0),
                        num_steps=args.steps, guidance_scale=1.0, seed=0).latents
 
-    def adapter():
-        return sample()
-
     def merged():
         with finetune.merged_lora(policy.denoiser):
-            return sample()
+            return adapter()
 
     def timed(fn):
         t0 = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - t0, out
+        fn()
+        return time.perf_counter() - t0
 
     diff = float((adapter() - merged()).abs().max())  # also the warm-up
     times = {"adapter": [], "merged": []}
     ratios = []
     for i in range(args.repeats):  # alternating adjacent pairs: this machine's speed drifts over seconds
         order = (("adapter", adapter), ("merged", merged)) if i % 2 == 0 else (("merged", merged), ("adapter", adapter))
-        pair = {name: timed(fn)[0] for name, fn in order}
+        pair = {name: timed(fn) for name, fn in order}
         for name, t in pair.items():
             times[name].append(t)
         ratios.append(pair["merged"] / pair["adapter"])
