@@ -231,3 +231,29 @@ def test_fsdp_wraps_the_family_blocks(name, monkeypatch):
     other = build_tiny("flux" if family == "sd3" else "sd3", seed=0).transformer
     with pytest.raises(ValueError, match="Could not find the transformer layer class"):
         fsdp2_prepare_auto_wrap_policy(plugin, other)
+
+
+def test_balance_weights_set_each_category_share(in_repo):
+    """data.balance_weights: each tag's total draw probability is its share over the sum of shares (unnamed tags
+    1), whatever its prompt count; an unknown tag, a non-positive share or weights without balance_key fail by
+    name at load time."""
+    from flowrl.train.builders import balance_weights, load_prompts
+    from flowrl.train.trainer import prompt_indices
+
+    toy = REPO / "configs" / "toy_nft.yaml"
+    cfg = load_config(toy, ["data.balance_weights={position: 3.0, colors: 0.5}"])
+    meta = load_prompts(cfg.data.train_prompts).metadata
+    w = balance_weights(meta, "tag", cfg.data.balance_weights)
+    tags = [m["tag"] for m in meta]
+    total = {t: float(sum(wi for wi, ti in zip(w, tags) if ti == t) / w.sum()) for t in set(tags)}
+    shares = {t: {"position": 3.0, "colors": 0.5}.get(t, 1.0) for t in set(tags)}
+    assert total == pytest.approx({t: s / sum(shares.values()) for t, s in shares.items()}, rel=1e-12)
+    drawn = [tags[i] for it in range(400) for i in prompt_indices(0, it, len(tags), 8, w)]
+    assert drawn.count("position") / len(drawn) == pytest.approx(3.0 / 7.5, abs=0.03)
+    assert drawn.count("colors") / len(drawn) == pytest.approx(0.5 / 7.5, abs=0.015)
+
+    for override, match in [("data.balance_weights={positon: 2.0}", "data.balance_weights.positon: no training"),
+                            ("data.balance_weights={position: 0}", "data.balance_weights.position: must be a pos"),
+                            ("data.balance_key=null", "data.balance_weights: needs data.balance_key")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(toy, ["data.balance_weights={position: 2.0}"] * ("key" in override) + [override])

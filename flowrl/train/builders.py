@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from flowrl.models import FAMILY_OF_PIPELINE, resolve_model_path
 from flowrl.sampling import KERNELS, PLANS, SCHEDULES
@@ -117,3 +120,20 @@ def load_prompts(path: str, key: str = "data.train_prompts") -> PromptSet:
     if not prompts:
         raise ConfigError(f"{key}: {path} holds no prompts")
     return PromptSet(prompts, metadata)
+
+
+def balance_weights(metadata: list[dict], key: str, shares: dict | None = None) -> torch.Tensor:
+    """Per-prompt sampling weights that give every value of ``metadata[key]`` the same total weight, or the total
+    ``shares[value]`` (default 1) relative to the others."""
+    values = [m.get(key) for m in metadata]
+    if any(v is None for v in values):
+        raise ConfigError(f"data.balance_key: some prompts have no metadata field {key!r}")
+    counts = {v: values.count(v) for v in set(values)}
+    shares = shares or {}
+    for name, share in shares.items():
+        if name not in counts:
+            raise ConfigError(f"data.balance_weights.{name}: no training prompt has {key} {name!r} "
+                              f"(values: {sorted(map(str, counts))})")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not math.isfinite(share) or share <= 0:
+            raise ConfigError(f"data.balance_weights.{name}: must be a positive number, got {share!r}")
+    return torch.tensor([shares.get(v, 1.0) / counts[v] for v in values], dtype=torch.float64)

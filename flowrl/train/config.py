@@ -76,6 +76,8 @@ class DataConfig:
     eval_prompts: str | None = None
     prompts_per_iteration: int = 8       # global; every process takes whole prompt groups
     balance_key: str | None = None       # a metadata field (e.g. "tag") whose values are sampled equally often
+    balance_weights: dict = field(default_factory=dict)  # with balance_key: each value's share relative to the
+                                         # others (unnamed: 1); {position: 2.0} draws position prompts twice as often
 
 
 @dataclass

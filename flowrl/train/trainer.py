@@ -73,15 +73,6 @@ def prompt_indices(seed: int, iteration: int, total: int, n: int, weights: torch
     return torch.cat(perms)[:n].tolist()
 
 
-def balance_weights(metadata: list[dict], key: str) -> torch.Tensor:
-    """Per-prompt sampling weights that give every value of ``metadata[key]`` the same total weight."""
-    values = [m.get(key) for m in metadata]
-    if any(v is None for v in values):
-        raise ConfigError(f"data.balance_key: some prompts have no metadata field {key!r}")
-    counts = {v: values.count(v) for v in set(values)}
-    return torch.tensor([1.0 / counts[v] for v in values], dtype=torch.float64)
-
-
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -110,8 +101,8 @@ class Trainer:
         self.train_set = builders.load_prompts(cfg.data.train_prompts)
         self.eval_set = (builders.load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
                          if cfg.data.eval_prompts else None)
-        self.prompt_weights = (balance_weights(self.train_set.metadata, cfg.data.balance_key)
-                               if cfg.data.balance_key else None)
+        self.prompt_weights = (builders.balance_weights(self.train_set.metadata, cfg.data.balance_key,
+                                                        cfg.data.balance_weights) if cfg.data.balance_key else None)
         self.kernel = builders.make_kernel(cfg.sampling.kernel)
         self.schedule = builders.make_schedule(cfg.sampling.schedule, cfg.run.seed)
         self.plan = builders.make_plan(cfg.sampling.plan)

@@ -107,7 +107,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sampling.kernel: {cfg.sampling.kernel['name']} does not fit a {family} model "
                           f"({'ddim' if family == 'sd' else 'a flow kernel: flow_sde, flow_sde_const, cps'})")
 
-    builders.load_prompts(cfg.data.train_prompts, "data.train_prompts")
+    train_set = builders.load_prompts(cfg.data.train_prompts, "data.train_prompts")
+    if cfg.data.balance_weights and not cfg.data.balance_key:
+        raise ConfigError("data.balance_weights: needs data.balance_key (the field whose values the weights name)")
+    if cfg.data.balance_key:
+        builders.balance_weights(train_set.metadata, cfg.data.balance_key, cfg.data.balance_weights)
     if cfg.data.eval_prompts:
         builders.load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
     elif cfg.eval.every:
