@@ -257,3 +257,14 @@ def test_balance_weights_set_each_category_share(in_repo):
                             ("data.balance_key=null", "data.balance_weights: needs data.balance_key")]:
         with pytest.raises(ConfigError, match=match):
             load_config(toy, ["data.balance_weights={position: 2.0}"] * ("key" in override) + [override])
+
+
+@pytest.mark.parametrize("key,hint", [
+    ("max_grad_nrm", " (did you mean 'max_grad_norm'?)"),   # a typo
+    ("KL_Beta", " (did you mean 'kl_beta'?)"),              # the case
+    ("learning_rate", ""),                                  # nothing close: no guess
+])
+def test_unknown_key_names_the_closest_field(key, hint):
+    with pytest.raises(ConfigError) as err:
+        build_dataclass(Config, {"training": {key: 1}})
+    assert str(err.value) == f"unknown config key training.{key}{hint}"

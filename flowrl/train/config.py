@@ -8,6 +8,7 @@ dataclass fields of the chosen class), so a recipe can name any of them without 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -223,7 +224,7 @@ def build_dataclass(cls, data: dict | None, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            close = [n for n in names if n.lower() == str(key).lower() or _similar(n, str(key))]
+            close = difflib.get_close_matches(str(key).lower(), sorted(names), n=1, cutoff=0.75)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
     kwargs = {}
@@ -236,19 +237,6 @@ def build_dataclass(cls, data: dict | None, prefix: str = ""):
         else:
             kwargs[f.name] = _check_type(data[f.name], tp, f"{prefix}{f.name}")
     return cls(**kwargs)
-
-
-def _similar(a: str, b: str) -> bool:
-    """Edit distance <= 2: enough to point at a typo."""
-    if abs(len(a) - len(b)) > 2:
-        return False
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1] <= 2
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
