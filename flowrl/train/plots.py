@@ -24,7 +24,7 @@ def reward_curve(rows: list[dict], path: str | Path) -> Path:
         mean = np.array([r[f"reward/{name}_mean"] for r in scored])
         std = np.array([r.get(f"reward/{name}_std", 0.0) for r in scored])
         line, = ax.plot(its, mean, lw=0.6, alpha=0.3)
-        smooth, band = _running_mean(mean, len(its)), _running_mean(std, len(its))
+        smooth, band = _running_mean(mean), _running_mean(std)
         ax.plot(its, smooth, color=line.get_color(), label=f"train {name} (running mean)")
         ax.fill_between(its, smooth - band, smooth + band, color=line.get_color(), alpha=0.12, lw=0)
         ev = [(r["iteration"], r[f"eval/{name}_mean"]) for r in rows if f"eval/{name}_mean" in r]
@@ -43,9 +43,9 @@ def reward_curve(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def _running_mean(x: np.ndarray, n: int) -> np.ndarray:
-    """Trailing mean over max(1, n // 50) points; the first points average what exists so far."""
-    window = max(1, n // 50)
+def _running_mean(x: np.ndarray) -> np.ndarray:
+    """Trailing mean over 2% of the points (at least 1); the first points average what exists so far."""
+    window = max(1, len(x) // 50)
     c = np.cumsum(np.insert(x, 0, 0.0))
     idx = np.arange(1, len(x) + 1)
     lo = np.maximum(idx - window, 0)
