@@ -42,10 +42,9 @@ def _load_policy(args):
     """A pipeline from --model (folder, hub id or tiny:<family>), with --lora applied the plain-diffusers way."""
     import torch
 
-    from flowrl.models import load_pipeline, policy_from_pipeline
+    from flowrl.models import DTYPES, load_pipeline, policy_from_pipeline
     from flowrl.train.builders import model_family
     from flowrl.train.config import ConfigError
-    from flowrl.train.trainer import DTYPES
 
     family = model_family(args.model)
     if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():

@@ -171,6 +171,7 @@ def combine_rewards(
     weights: Mapping[str, float],
     groups: Tensor,
     mode: str = "sum_then_normalize",
+    estimator: str | Callable[..., Tensor] = "grpo",
     **adv_kwargs,
 ) -> Tensor:
     """Advantages from several named reward components (ALGORITHMS.md §5, multiple rewards).
@@ -179,8 +180,11 @@ def combine_rewards(
     "normalize_then_sum" (GDPO / MixGRPO default): ``sum_k w_k group_advantages(r_k)``; a plain weighted
         sum, not re-normalised, so a component's scale is its weight. With std="global" pass
         ``global_std`` as a dict {component: std} in this mode.
+    ``estimator``: a name in ADVANTAGE_ESTIMATORS (or such a function) that normalises within groups; adv_kwargs
+    go to it (eps, clip, ...).
     Components are added in sorted-name order so the result does not depend on dict order.
     """
+    est = get_advantage_estimator(estimator) if isinstance(estimator, str) else estimator
     missing = sorted(set(components) - set(weights))
     extra = sorted(set(weights) - set(components))
     if missing:
@@ -201,14 +205,13 @@ def combine_rewards(
             out_dtype = torch.promote_types(out_dtype, components[name].dtype)
     if mode == "sum_then_normalize":
         total = sum(float(weights[n]) * components[n].to(torch.float64) for n in names)
-        return group_advantages(total, groups, **adv_kwargs).to(out_dtype)
+        return est(total, groups, **adv_kwargs).to(out_dtype)
     if mode == "normalize_then_sum":
         gstd = adv_kwargs.pop("global_std", None)
         if gstd is not None and (not isinstance(gstd, Mapping) or set(gstd) != set(names)):
             raise ValueError(f"global_std must be a dict with one entry per component {names} in mode {mode!r}")
-        total = sum(float(weights[n]) * group_advantages(components[n].to(torch.float64), groups,
-                                                         global_std=None if gstd is None else gstd[n],
-                                                         **adv_kwargs)
+        total = sum(float(weights[n]) * est(components[n].to(torch.float64), groups,
+                                            **({} if gstd is None else {"global_std": gstd[n]}), **adv_kwargs)
                     for n in names)
         return total.to(out_dtype)
     raise ValueError(f"mode must be 'sum_then_normalize' or 'normalize_then_sum', got {mode!r}")
@@ -250,7 +253,8 @@ def pairwise_win_rates(prefs: Tensor, tol: float = 1e-5) -> Tensor:
     return (prefs * off).sum(-1) / (g - 1)
 
 
-# Configs pick an estimator by name; all take (rewards, groups, **overrides).
+# A recipe names its estimator (advantages.estimator). One signature: (rewards (N,), groups (N,) long, *, eps,
+# clip, [global_std]) -> advantages (N,); each entry fixes how a group's spread is normalised.
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "grpo": partial(group_advantages, std="group"),
     "flow_grpo": partial(group_advantages, std="global"),

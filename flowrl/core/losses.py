@@ -200,8 +200,6 @@ def aggregate(
     return per_seq.sum() / torch.as_tensor(denom, dtype=loss.dtype, device=loss.device).clamp(min=1)
 
 
-# Configs pick a policy loss by name; every entry has clipped_surrogate's signature and returns
-# (per-unit loss, stats). Forward-process losses (DGPO, DiffusionNFT) belong elsewhere: no ratio.
 def nft_optimality(adv: Tensor, clip: float) -> Tensor:
     """DiffusionNFT's optimality probability ``r = clip(A, -C, C) / (2C) + 1/2`` in [0, 1]: 1 for the best
     samples, 1/2 for an average one, 0 for the worst."""
@@ -244,6 +242,95 @@ def nft_loss(v: Tensor, v_old: Tensor, x0: Tensor, noise: Tensor, t: Tensor, r: 
     return loss, {"nft_pos": pos.detach(), "nft_neg": neg.detach(), "nft_r": r.detach()}
 
 
+
+# ------------------------------------------------------------------------------------------ registries
+# A recipe names a policy loss (training.policy_loss), a KL form (training.kl) and an aggregation
+# (training.aggregation); each registry has one signature, so a trainer calls any entry the same way
+# (the image trainer with denoising steps as units, the LLM trainer with tokens).
+
+
+def clip_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, *, eps_low: float, eps_high: float | None = None,
+              chunk_ids: Tensor | None = None, mask: Tensor | None = None, mean: Tensor | None = None,
+              mean_old: Tensor | None = None, std: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clip on ``rho = exp(logp - logp_old)`` (Flow-GRPO, DanceGRPO, GRPO), or on the chunk ratio when
+    ``chunk_ids`` is given (GCPO; GSPO with one chunk per sequence). mean / mean_old / std are unused."""
+    return clipped_surrogate(logp, logp_old, adv, eps_low, eps_high, chunk_ids=chunk_ids, mask=mask)
+
+
+def ratio_norm_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, *, eps_low: float, eps_high: float | None = None,
+                    chunk_ids: Tensor | None = None, mask: Tensor | None = None, mean: Tensor | None = None,
+                    mean_old: Tensor | None = None, std: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO-Guard: PPO clip on the RatioNorm log-ratio (``ratio_norm_log_ratio``: the Gaussian kernel's negative
+    mean shift added back, scaled by the step std s_k so every step's ratio has the same spread). Needs the
+    kernel means of the update and of the rollout and the step std. With ``chunk_ids`` the normalised log-ratios
+    are averaged per chunk."""
+    if mean is None or mean_old is None or std is None:
+        raise ValueError("ratio_norm needs mean, mean_old (recorded at rollout) and std")
+    log_ratio = ratio_norm_log_ratio(logp, logp_old, mean, mean_old, std)
+    if chunk_ids is not None:
+        zero = torch.zeros_like(log_ratio)
+        log_ratio = chunk_log_ratios(log_ratio, zero, chunk_ids, mask)
+    return clipped_surrogate_from_log_ratio(log_ratio, adv, eps_low, eps_high, mask)
+
+
+ratio_norm_loss.requires = ("mean",)  # what the rollout must record for this loss
+clip_loss.requires = ()
+
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
-    "clip": clipped_surrogate,
+    "clip": clip_loss,
+    "ratio_norm": ratio_norm_loss,
+}
+
+
+def _gaussian_kl(*, logp, logp_ref, mean, mean_ref, std, h):
+    return kl_gaussian_mean(mean, mean_ref, std)
+
+
+def _flow_grpo_kl(*, logp, logp_ref, mean, mean_ref, std, h):
+    # flow_grpo divides by g^2, the diffusion coefficient without the step's sqrt(h): h times the closed form
+    return kl_gaussian_mean(mean, mean_ref, std / torch.as_tensor(h, dtype=std.dtype, device=std.device).sqrt())
+
+
+def _estimator(kind):
+    def kl(*, logp, logp_ref, mean, mean_ref, std, h):
+        return kl_estimator(logp, logp_ref, kind)
+    kl.__doc__ = f"Schulman's {kind} estimator on the unit log-probs (kl_estimator)."
+    return kl
+
+
+# KL to the reference policy per unit, shape (N,). One keyword signature: logp / logp_ref (unit log-probs under
+# the trained and the reference policy), mean / mean_ref (Gaussian kernel means), std (the step std s_k,
+# including sqrt(h)), h (the step length |dt|). LLM units pass logp / logp_ref only and use k1 / k2 / k3.
+KL_FORMS: dict[str, Callable[..., Tensor]] = {
+    "gaussian": _gaussian_kl,     # closed form mean((mu - mu_ref)^2) / (2 s^2), matching mean-reduced log-probs
+    "flow_grpo": _flow_grpo_kl,   # flow_grpo's scale: mean((mu - mu_ref)^2) / (2 g^2), g = s / sqrt(h)
+    "k1": _estimator("k1"),
+    "k2": _estimator("k2"),
+    "k3": _estimator("k3"),
+}
+
+
+def _token_mean(seq_ids: Tensor, norm_len: int | None):
+    return torch.ones(seq_ids.shape[0], dtype=torch.float64), seq_ids.shape[0]
+
+
+def _seq_mean_token_mean(seq_ids: Tensor, norm_len: int | None):
+    _, inverse, counts = torch.unique(seq_ids, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse].double(), len(counts)
+
+
+def _seq_mean_token_sum_norm(seq_ids: Tensor, norm_len: int | None):
+    if norm_len is None or norm_len <= 0:
+        raise ValueError("seq-mean-token-sum-norm needs a positive norm_len (e.g. the max response length)")
+    return torch.full((seq_ids.shape[0],), 1.0 / norm_len, dtype=torch.float64), len(torch.unique(seq_ids))
+
+
+# Aggregation as per-unit weights and a denominator over the units of one whole update: the update's loss is
+# sum(w * loss) / denominator, so micro-batches add up to it whatever their size (and DDP's mean over processes
+# with equal unit counts keeps it). ``aggregate`` is the same reduction on a (seqs, tokens) layout.
+# One signature: (seq_ids (N,) of the update's units, norm_len) -> (weights (N,) float64, denominator).
+AGGREGATION_WEIGHTS: dict[str, Callable[[Tensor, int | None], tuple[Tensor, int]]] = {
+    "token-mean": _token_mean,
+    "seq-mean-token-mean": _seq_mean_token_mean,
+    "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
 }

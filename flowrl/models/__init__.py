@@ -9,11 +9,12 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from flowrl.models.families import DTYPES, FAMILIES, Family, adapter_options, family_of_pipeline
+
 _ADAPTER_MODULES = {"SD3Policy": "flowrl.models.sd3", "FluxPolicy": "flowrl.models.flux",
                     "SDPolicy": "flowrl.models.sd"}
-ADAPTERS = {"StableDiffusion3Pipeline": "SD3Policy", "FluxPipeline": "FluxPolicy",
-            "StableDiffusionPipeline": "SDPolicy"}
-FAMILY_OF_PIPELINE = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "StableDiffusionPipeline": "sd"}
+ADAPTERS = {f.pipeline: f.adapter for f in FAMILIES.values()}
+FAMILY_OF_PIPELINE = {f.pipeline: f.name for f in FAMILIES.values()}
 TOY_BASE = "toy:shapes"
 
 
@@ -67,5 +68,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ADAPTERS", "FAMILY_OF_PIPELINE", "FluxPolicy", "SD3Policy", "SDPolicy", "TOY_BASE", "load_pipeline",
+__all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "FAMILY_OF_PIPELINE", "Family", "adapter_options", "family_of_pipeline", "FluxPolicy", "SD3Policy", "SDPolicy", "TOY_BASE", "load_pipeline",
            "load_policy", "policy_from_pipeline", "resolve_model_path"]

@@ -98,16 +98,20 @@ class Policy(ABC):
         return cond.take(prompt_idx)
 
     def predict(self, x: Tensor, timesteps: Tensor, cond: Conditioning, prompt_idx: Tensor,
-                guidance_scale: float, rows: dict[str, Tensor] | None = None) -> Tensor:
+                guidance_scale: float, rows: dict[str, Tensor] | None = None, detach_uncond: bool = False) -> Tensor:
         """Model output for states ``x`` (N, ...) of prompts ``prompt_idx`` (N,) at ``timesteps`` (N,), with
         classifier-free guidance as one stacked [uncond; cond] call, as the diffusers pipelines do. float32.
-        ``rows``: ``self.rows(cond, prompt_idx, guidance_scale)`` if already built."""
+        ``rows``: ``self.rows(cond, prompt_idx, guidance_scale)`` if already built. ``detach_uncond``: no
+        gradient through the unconditional branch (the same forward values, so a re-scored log-prob still
+        equals the rollout's)."""
         x_in = x.to(self.dtype)
         rows = self.rows(cond, prompt_idx, guidance_scale) if rows is None else rows
         if self.uses_cfg(cond, guidance_scale):
             out = self.forward(torch.cat([x_in, x_in]), torch.cat([timesteps, timesteps]), rows, cond.shared,
                                guidance_scale)
             out_u, out_c = out.float().chunk(2)  # guidance arithmetic in float32, like the kernels
+            if detach_uncond:
+                out_u = out_u.detach()
             return out_u + self.cfg_weight(guidance_scale) * (out_c - out_u)
         return self.forward(x_in, timesteps, rows, cond.shared, guidance_scale).float()
 

@@ -173,11 +173,12 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
 
 
 def score_edges(policy: Policy, forest: Forest, edges: Tensor, kernel: Kernel | None = None,
-                guidance_scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                guidance_scale: float | None = None, detach_uncond: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Re-evaluate stored stochastic steps under the policy's *current* weights: (logp, mean, std) per edge.
 
     Gradients flow when called with grad enabled; this is the training-time log-prob. With unchanged weights it
-    reproduces ``forest.logp_old[edges]`` (importance ratio 1).
+    reproduces ``forest.logp_old[edges]`` (importance ratio 1). ``detach_uncond``: under CFG, gradients reach
+    the conditional branch only.
     """
     edges = torch.as_tensor(edges, dtype=torch.long)
     if not bool(forest.sde[edges].all()):
@@ -188,6 +189,7 @@ def score_edges(policy: Policy, forest: Forest, edges: Tensor, kernel: Kernel | 
     src, dst = forest.src[edges], forest.dst[edges]
     k = forest.edge_step[edges].to(device)
     x, x_next = forest.latents[src], forest.latents[dst]
-    out = policy.predict(x, forest.grid.timesteps[k], forest.cond, forest.node_prompt[src].to(device), guidance_scale)
+    out = policy.predict(x, forest.grid.timesteps[k], forest.cond, forest.node_prompt[src].to(device), guidance_scale,
+                         detach_uncond=detach_uncond)
     mean, std = kernel.mean_std(x, out, forest.grid, k, forest.noise_scale[edges].to(device))
     return gaussian_log_prob(x_next, mean, std, forest.reduction), mean, std

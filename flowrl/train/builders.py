@@ -14,6 +14,7 @@ import torch
 
 from flowrl.models import FAMILY_OF_PIPELINE, resolve_model_path
 from flowrl.sampling import KERNELS, PLANS, SCHEDULES
+from flowrl.sampling.seeding import derive_seed
 from flowrl.train.config import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -41,9 +42,16 @@ def make_kernel(spec: dict):
     return _from_registry(spec, KERNELS, "sampling.kernel")
 
 
-def make_schedule(spec: dict, seed: int = 0):
+def make_schedule(spec: dict, seed: int = 0, rank: int = 0):
+    """A window's draws are seeded by the run seed: one start per iteration for every process, or with
+    ``draw: batch`` one per process's batch (flow_grpo draws per sampling batch, each GPU its own)."""
     spec = dict(spec)
     if spec.get("name") == "window":
+        draw = spec.pop("draw", "iteration")
+        if draw not in ("iteration", "batch"):
+            raise ConfigError(f"sampling.schedule.draw: {draw!r} is not one of ['iteration', 'batch']")
+        if draw == "batch":
+            seed = derive_seed(seed, "rank", rank)
         spec.setdefault("seed", seed)
     return _from_registry(spec, SCHEDULES, "sampling.schedule")
 

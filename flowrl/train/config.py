@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A bad config value; the message names the dotted key."""
 
 
+# keys an earlier flowrl read, with what replaced them
+RENAMED = {"advantages.std": "advantages.estimator (std group -> grpo, global -> flow_grpo, none -> dr_grpo)"}
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
@@ -94,7 +98,10 @@ class RewardConfig:
 
 @dataclass
 class AdvantageConfig:
-    std: str = "global"                  # group | global (Flow-GRPO) | none (Dr. GRPO)
+    estimator: str = "flow_grpo"         # flowrl.core.ADVANTAGE_ESTIMATORS: flow_grpo (per-prompt mean, std of the
+                                         # whole batch) | grpo (per-group std) | dr_grpo (no std)
+    credit: str = "broadcast"            # per-sample advantages -> trained steps (flowrl.train.credit): broadcast
+                                         # (every step of a trajectory gets its advantage; flat plans)
     eps: float = 1e-4
     clip: float | None = 5.0
     per_prompt_tracker: bool = False     # Flow-GRPO's history-based per-prompt stats
@@ -102,8 +109,25 @@ class AdvantageConfig:
 
 @dataclass
 class TrainingConfig:
-    objective: str = "grpo"              # grpo: clipped surrogate on SDE step log-probs (Flow-GRPO family) |
-                                         # nft: DiffusionNFT, flow matching on the clean samples (no log-probs)
+    objective: str = "grpo"              # flowrl.train.objectives.OBJECTIVES: grpo (a policy loss on SDE step
+                                         # log-probs: the Flow-GRPO family) | nft (DiffusionNFT, no log-probs)
+    policy_loss: str = "clip"            # grpo: flowrl.core.POLICY_LOSSES: clip (PPO clip) | ratio_norm (GRPO-Guard)
+    kl: str | None = None                # with kl_beta > 0, flowrl.core.KL_FORMS: gaussian | flow_grpo | k1 | k2 |
+                                         # k3 (None: the objective's own: gaussian for grpo, velocity for nft)
+    aggregation: str = "token-mean"      # flowrl.core.AGGREGATION_WEIGHTS: token-mean | seq-mean-token-mean |
+                                         # seq-mean-token-sum-norm (a trajectory's steps are its tokens)
+    step_weights: str = "uniform"        # grpo: uniform | inverse_dt (GRPO-Guard: loss x 1 / h_k) | noise_aware
+                                         # (TempFlow: x s_k, mean 1 over the trained steps)
+    chunks: dict | None = None           # grpo: chunk-level ratio (GCPO): {name: fixed, sizes: [2, 3, 4, 7]} |
+                                         # {name: uniform, size: 4} | {name: adaptive, max_size: 4}; None: per step
+    chunk_weighted: bool = False         # chunks: draw the timestep_fraction of chunks weighted by their mean
+                                         # relative L1 change (GCPO's weighted sampling), not uniformly
+    keep_extremes: int = 0               # grpo: per prompt group train only the k/2 best and k/2 worst samples by
+                                         # advantage (DanceGRPO's best-of-N); 0: every sample
+    cfg_detach_uncond: bool = False      # grpo under CFG: no gradient through the unconditional branch of the
+                                         # re-scored velocity (flow_grpo's training forward)
+    drop_zero_advantage: bool = False    # grpo: samples whose advantage is exactly 0 leave the loss and its
+                                         # denominator (flow_grpo); they are still computed, see units.py
     lr: float = 3e-4
     weight_decay: float = 1e-4
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -119,7 +143,8 @@ class TrainingConfig:
     clip_eps_high: float | None = None   # None: = clip_eps_low
     kl_beta: float = 0.0                 # KL to the base weights (adapter off): closed-form Gaussian for grpo,
                                          # squared guided-velocity difference for nft
-    timestep_fraction: float = 1.0       # fraction of each trajectory's stochastic steps trained (DanceGRPO)
+    timestep_fraction: float = 1.0       # fraction of each trajectory's stochastic steps (or chunks) trained,
+                                         # ceil(fraction * n) drawn per trajectory (DanceGRPO, GCPO)
     log_prob_reduction: str = "mean"
     nft_beta: float = 1.0                # nft: step of the implicit positive / negative policies v+- (losses.nft_loss)
     nft_timesteps: int = 2               # nft: forward-process draws (t, noise) per sample per iteration
@@ -224,6 +249,8 @@ def build_dataclass(cls, data: dict | None, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
+            if f"{prefix}{key}" in RENAMED:
+                raise ConfigError(f"unknown config key {prefix}{key}: replaced by {RENAMED[prefix + key]}")
             close = difflib.get_close_matches(str(key).lower(), sorted(names), n=1, cutoff=0.75)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")

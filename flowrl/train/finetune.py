@@ -15,15 +15,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-# Attention projections of the joint (image + text) blocks, the modules the published recipes adapt.
-_JOINT_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-DEFAULT_TARGETS = {
-    "sd3": _JOINT_ATTN,                                  # Flow-GRPO SD3.5: r 32, alpha 64
-    "flux": _JOINT_ATTN,                                 # single blocks share to_q/k/v, so they are covered too
-    "sd": ["to_q", "to_k", "to_v", "to_out.0"],          # DDPO: UNet attention
-}
-COMPONENT = {"sd3": "transformer", "flux": "transformer", "sd": "unet"}
+from flowrl.models.families import FAMILIES
+
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a saved LoRA
 
 
@@ -31,7 +24,7 @@ def add_lora(denoiser, family: str, rank: int, alpha: float | None, targets: lis
              dropout: float = 0.0) -> LoraConfig:
     """Freeze the base weights and add a trainable LoRA adapter (gaussian-initialised A, zero B: starts at base)."""
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        init_lora_weights="gaussian", target_modules=targets or DEFAULT_TARGETS[family])
+                        init_lora_weights="gaussian", target_modules=targets or list(FAMILIES[family].lora_targets))
     denoiser.requires_grad_(False)
     denoiser.add_adapter(config)
     if not any(p.requires_grad for p in denoiser.parameters()):
@@ -98,7 +91,7 @@ def trainable_parameters(denoiser) -> list[torch.nn.Parameter]:
 
 def save_lora(pipe, denoiser, family: str, config: LoraConfig, out_dir: Path) -> Path:
     """Write the adapter in diffusers' LoRA format, with its config as metadata (keeps lora_alpha)."""
-    comp = COMPONENT[family]
+    comp = FAMILIES[family].component
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
     meta = config.to_dict()
     if isinstance(meta.get("target_modules"), (set, list)):  # a set in peft: sort it so equal runs give equal files
@@ -111,7 +104,7 @@ def save_lora(pipe, denoiser, family: str, config: LoraConfig, out_dir: Path) ->
 def load_lora(denoiser, family: str, folder: Path) -> None:
     """Put a LoRA written by ``save_lora`` back into the adapter ``add_lora`` made, bit for bit (a checkpoint's
     weights; ``pipe.load_lora_weights`` would add a second adapter instead)."""
-    prefix = f"{COMPONENT[family]}."
+    prefix = f"{FAMILIES[family].component}."
     saved = load_file(folder / LORA_FILE)
     state = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
     if len(state) != len(saved):

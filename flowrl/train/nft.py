@@ -1,4 +1,5 @@
-"""DiffusionNFT's training units (ALGORITHMS.md §6, ``training.objective: nft``).
+"""DiffusionNFT's math beside the objective (docs/algorithms.md §6, ``training.objective: nft``): its draws,
+the forward process, the velocities it trains and the soft-updated sampling policy.
 
 NFT needs no trajectory: each clean sample of the rollout (a leaf) is put back on the rectified-flow forward
 process ``x_t = (1 - t) x0 + t noise`` at ``K = training.nft_timesteps`` points per iteration, and the
@@ -130,52 +131,3 @@ class SoftPolicy:
         with torch.no_grad():
             for old, p in zip(self.params, state["params"]):
                 old.copy_(p)
-
-
-def loss_fn(policy: Policy, forest: Forest, units: NFTUnits, unit_adv: Tensor, cfg, reference, autocast,
-            sampling_policy=None, merged=contextlib.nullcontext):
-    """The iteration's per-unit loss ``fn(unit ids) -> (losses, stats)`` for the trainer's update loop.
-
-    v_old is the sampling policy's velocity: the current weights while the iteration makes one update, else
-    recorded for every unit before the first; with ``sampling_policy`` (a context manager under which ``policy``
-    holds the soft-updated theta_old) always recorded, under it. ``reference``: a context manager under which
-    ``policy`` is the base model (the KL term); ``autocast``: the accelerator's; ``merged``: a context manager for
-    v_old's gradient-free forwards without a sampling policy (merged LoRA weights, or nothing).
-    """
-    t, gs = cfg.training, cfg.sampling.guidance_scale
-    r_all = nft_optimality(unit_adv, cfg.advantages.clip)
-
-    def v_at(mb, guided=t.nft_guided):
-        draw = forward_process(units, mb, forest.grid, policy.device)  # x0, noise, t, timesteps, prompt
-        return velocity(policy, forest.cond, *draw, gs, guided), draw
-
-    def every_unit(guided, weights):
-        with torch.no_grad(), autocast(), weights():
-            return torch.cat([v_at(mb, guided)[0] for mb in torch.split(torch.arange(len(units)), t.micro_batch_size)])
-
-    several = t.inner_epochs * t.updates_per_epoch > 1
-    v_old = (every_unit(t.nft_guided, sampling_policy or merged)
-             if sampling_policy is not None or several else None)
-    # the base's velocity at a unit's draw is fixed for the iteration: once for all updates, not once per update
-    v_ref = every_unit(True, reference) if t.kl_beta > 0 and several else None
-
-    def fn(mb):
-        v, draw = v_at(mb)
-        x0, noise, tt = draw[:3]
-        old = v.detach() if v_old is None else v_old[mb]
-        loss, s = nft_loss(v, old, x0, noise, tt, r_all[mb].to(v.device), t.nft_beta, t.nft_adaptive_weight)
-        stats = {"loss": loss.detach(), **s}
-        if t.kl_beta > 0:
-            # penalty toward the base weights on the velocity the sampler uses (guided under CFG): the
-            # conditional one alone would leave the unconditional branch, which LoRA also moves, free to drift
-            v_pol = v if t.nft_guided else guide(policy, forest.cond, *draw, gs, v)
-            if v_ref is None:
-                with torch.no_grad(), reference():
-                    ref = v_at(mb, guided=True)[0]
-            else:
-                ref = v_ref[mb]
-            kl = (v_pol - ref).pow(2).reshape(len(mb), -1).mean(1)
-            loss = loss + t.kl_beta * kl
-            stats["kl"] = kl.detach()
-        return loss, stats
-    return fn

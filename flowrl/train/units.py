@@ -1,35 +1,58 @@
-"""From a rollout forest and per-leaf advantages to training units: which stored steps are trained, with what
-advantage, in which micro-batches. Pure index arithmetic over the forest; seeded by identity, not position."""
+"""Training units: what one iteration trains, as one typed record, and how it is cut into updates and
+micro-batches.
+
+A unit carries one loss term: a stored SDE step for the policy-gradient objectives, a forward-process draw of a
+clean sample for DiffusionNFT. An objective produces the record from the rollout forest; the loop only shuffles,
+cuts and aggregates it. Every draw is seeded by identity (run seed, iteration, prompt id, sample, epoch), never
+by batch position.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
+from torch import Tensor
 
-from flowrl.sampling import Flat, Forest
+from flowrl.core import AGGREGATION_WEIGHTS
+from flowrl.sampling import Forest
 from flowrl.sampling.seeding import derive_seed
 
 
-def broadcast_advantages(forest: Forest, leaf_adv: torch.Tensor) -> torch.Tensor:
-    """Flow-GRPO's step-level credit: every edge of a chain gets its trajectory's advantage. (num_edges,)
+@dataclass
+class Units:
+    sample: Tensor   # (U,) the sample (leaf, i.e. trajectory or clean image) the unit belongs to, local index
+    prompt: Tensor   # (U,) local prompt position (index into forest.prompts)
+    group: Tensor    # (U,) advantage group (the prompt's global slot)
+    tree: Tensor     # (U,) forest tree
+    edge: Tensor     # (U,) forest edge trained, -1 when the unit is no stored step (NFT)
+    step: Tensor     # (U,) grid step k
+    adv: Tensor      # (U,) advantage
+    chunk: Tensor    # (U,) chunk id, unique in the iteration (the unit's own index when not chunked)
+    weight: Tensor   # (U,) step weight multiplying the unit's loss (1: uniform)
+    keep: Tensor     # (U,) 1, or 0 for a unit left out of the loss and its denominator
+    block: Tensor    # (U,) units of one block are never split over micro-batches (a chunk, a trajectory)
 
-    Only chains (Flat plans) have one trajectory per edge; tree plans need a tree estimator (depth-wise,
-    back-propagated), which a method config selects.
-    """
-    if not isinstance(forest.info.get("plan"), Flat):
-        raise ValueError("broadcast advantages need a Flat plan: an edge shared by several leaves has no single "
-                         "trajectory advantage")
-    adv = torch.zeros(forest.num_edges, dtype=leaf_adv.dtype)
-    leaves = forest.leaves()
-    for leaf, a in zip(leaves.tolist(), leaf_adv.tolist()):
-        adv[forest.path_edges(leaf)] = a
-    return adv
+    def __len__(self) -> int:
+        return int(self.sample.shape[0])
+
+    def take(self, idx: Tensor) -> "Units":
+        return Units(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    @classmethod
+    def make(cls, sample, prompt, group, tree, edge, step, adv, chunk=None, weight=None, keep=None,
+             block=None) -> "Units":
+        """Defaults: every unit its own chunk and block, weight 1, kept."""
+        n = len(sample)
+        own = torch.arange(n)
+        return cls(sample=sample, prompt=prompt, group=group, tree=tree, edge=edge, step=step, adv=adv,
+                   chunk=own if chunk is None else chunk, weight=torch.ones(n) if weight is None else weight,
+                   keep=torch.ones(n) if keep is None else keep, block=own if block is None else block)
 
 
-def select_units(forest: Forest, fraction: float, seed: int, iteration: int) -> torch.Tensor:
-    """Trainable edges to train this iteration. ``fraction`` < 1 keeps ceil(fraction * n) of each tree's
-    trainable steps (DanceGRPO's timestep fraction), drawn per tree from a stream keyed by the tree's prompt id."""
-    edges = forest.trainable_edges()
+def select_steps(forest: Forest, edges: Tensor, fraction: float, seed: int, iteration: int) -> Tensor:
+    """Of ``edges`` (trainable, ascending), ceil(fraction * n) of each tree's n, drawn per tree from a stream keyed
+    by its prompt id and rank among the prompt's trees (DanceGRPO's timestep fraction)."""
     if fraction >= 1:
         return edges
     tree_of_edge = forest.node_tree[forest.src[edges]]
@@ -37,15 +60,51 @@ def select_units(forest: Forest, fraction: float, seed: int, iteration: int) -> 
     for tree in torch.unique(tree_of_edge).tolist():
         own = edges[tree_of_edge == tree]
         n = max(1, math.ceil(fraction * len(own)))
-        pid = forest.prompt_ids[int(forest.tree_prompt[tree])]
-        local = tree - int(torch.nonzero(forest.tree_prompt == forest.tree_prompt[tree])[0])
-        g = torch.Generator().manual_seed(derive_seed(seed, iteration, pid, local, "units"))
-        keep.append(own[torch.randperm(len(own), generator=g)[:n]].sort().values)
+        keep.append(own[torch.randperm(len(own), generator=tree_generator(forest, tree, seed, iteration))[:n]]
+                    .sort().values)
     return torch.cat(keep)
 
 
-def shuffle_units(units: torch.Tensor, seed: int, iteration: int, epoch: int, rank: int) -> torch.Tensor:
-    """The units in a fresh order per (iteration, epoch, process), before they are cut into updates and
-    micro-batches."""
+def tree_generator(forest: Forest, tree: int, seed: int, iteration: int) -> torch.Generator:
+    pid = forest.prompt_ids[int(forest.tree_prompt[tree])]
+    local = tree - int(torch.nonzero(forest.tree_prompt == forest.tree_prompt[tree])[0])
+    return torch.Generator().manual_seed(derive_seed(seed, iteration, pid, local, "units"))
+
+
+def micro_batches(units: Units, updates: int, size: int, seed: int, iteration: int, epoch: int,
+                  rank: int) -> list[list[Tensor]]:
+    """The unit ids of each update's micro-batches for one inner epoch.
+
+    Blocks are shuffled (a fresh order per iteration, epoch and process), cut into ``updates`` near-equal runs,
+    and packed in order into micro-batches of at most ``size`` units; a block is never split, so a block longer
+    than ``size`` makes a micro-batch of its own. With one unit per block this is a plain shuffle and split
+    (the shuffle's stream is the one flowrl has always used, so runs reproduce across versions).
+    """
+    blocks, inverse = torch.unique(units.block, return_inverse=True)
+    members = [torch.nonzero(inverse == b).flatten() for b in range(len(blocks))]
     g = torch.Generator().manual_seed(derive_seed(seed, iteration, epoch, rank, "shuffle"))
-    return units[torch.randperm(len(units), generator=g)]
+    order = torch.randperm(len(blocks), generator=g)
+    out = []
+    for run in torch.tensor_split(order, updates):
+        batches, current = [], []
+        for b in run.tolist():
+            if current and sum(map(len, current)) + len(members[b]) > size:
+                batches.append(torch.cat(current))
+                current = []
+            current.append(members[b])
+        if current:
+            batches.append(torch.cat(current))
+        out.append(batches)
+    return out
+
+
+def aggregation(units: Units, ids: Tensor, mode: str, norm_len: int | None = None) -> tuple[Tensor, float]:
+    """Per-unit weights and the denominator of one update's loss, ``sum(w * loss) / denominator`` over its
+    units (flowrl.core.AGGREGATION_WEIGHTS; a trajectory's steps are its tokens). Units with keep 0 get weight 0
+    and leave the denominator."""
+    sub = units.take(ids)
+    kept = sub.keep > 0
+    w, denom = AGGREGATION_WEIGHTS[mode](sub.sample[kept], norm_len)
+    weights = torch.zeros(len(sub), dtype=torch.float64)
+    weights[kept] = w
+    return weights, denom

@@ -13,9 +13,8 @@ CHOICES = {
     "finetune.mode": ("lora", "full"),
     "sampling.ode_solver": ("euler", "dpm2m"),
     "rewards.combine": ("sum_then_normalize", "normalize_then_sum"),
-    "advantages.std": ("group", "global", "none"),
     "training.log_prob_reduction": ("mean", "sum"),
-    "training.objective": ("grpo", "nft"),
+    "training.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "training.lr_schedule": ("constant", "cosine", "linear"),
 }
 POSITIVE = ("run.iterations", "sampling.num_steps", "data.prompts_per_iteration", "training.lr",
@@ -64,14 +63,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.guidance_scale: must be >= 0 or null, got {cfg.eval.guidance_scale}")
     if cfg.rewards.timeout is not None and cfg.rewards.timeout <= 0:
         raise ConfigError(f"rewards.timeout: must be > 0 seconds or null, got {cfg.rewards.timeout}")
+    from flowrl.core import ADVANTAGE_ESTIMATORS  # noqa: PLC0415
+    from flowrl.train.credit import CREDIT  # noqa: PLC0415
+    from flowrl.train.objectives import OBJECTIVES  # noqa: PLC0415
+    from flowrl.train.scoring import TRACKER_STD  # noqa: PLC0415
+
+    for key, registry in (("training.objective", OBJECTIVES), ("advantages.estimator", ADVANTAGE_ESTIMATORS),
+                          ("advantages.credit", CREDIT)):
+        if _get(cfg, key) not in registry:
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {sorted(registry)}")
     if cfg.advantages.per_prompt_tracker:
-        if cfg.advantages.std == "none":
-            raise ConfigError("advantages.std: 'none' has no per-prompt tracker form; use group or global")
+        if cfg.advantages.estimator not in TRACKER_STD:
+            raise ConfigError(f"advantages.estimator: {cfg.advantages.estimator} has no per-prompt tracker form; use "
+                              f"one of {sorted(TRACKER_STD)}")
         if cfg.rewards.combine != "sum_then_normalize":
             raise ConfigError("rewards.combine: the per-prompt tracker normalises the weighted sum; "
                               "use sum_then_normalize")
 
-    # sampler pieces build and fit the step count
+    # sampler pieces build and fit the step count; the objective refuses what it cannot train
     kernel = builders.make_kernel(cfg.sampling.kernel)
     schedule = builders.make_schedule(cfg.sampling.schedule, cfg.run.seed)
     plan = builders.make_plan(cfg.sampling.plan)
@@ -79,30 +88,17 @@ def validate(cfg: Config) -> None:
         scales = schedule.noise_scales(cfg.sampling.num_steps, 0)
     except ValueError as e:
         raise ConfigError(f"sampling.schedule: {e}") from None
-    if cfg.training.objective == "grpo" and not bool((scales > 0).any()):
-        raise ConfigError("sampling.schedule: no stochastic step, nothing to train")
     for k in plan.split_steps(cfg.sampling.num_steps):
         if scales[k] <= 0:
             raise ConfigError(f"sampling.plan: branches at step {k}, which sampling.schedule makes deterministic")
 
     family = builders.model_family(cfg.model.path)
-    if cfg.training.objective == "nft" and not (cfg.advantages.clip or 0) > 0:
-        raise ConfigError("advantages.clip: nft maps advantages to optimality probabilities r = clip(A, -C, C) / 2C "
-                          "+ 1/2 and needs a positive C")
     if not 0 <= cfg.training.nft_eta_max < 1:
         raise ConfigError(f"training.nft_eta_max: the sampling policy's soft-update weight must be in [0, 1), got "
                           f"{cfg.training.nft_eta_max!r}")
-    if cfg.finetune.merged_sampling and (cfg.finetune.mode != "lora" or cfg.training.objective != "nft"):
-        # a policy-gradient ratio compares the rollout's log-probs with the update's unmerged forward: the two must
-        # be the same computation, and merged weights round differently (visibly so in bf16)
-        raise ConfigError("finetune.merged_sampling: needs finetune.mode lora and training.objective nft (GRPO's "
-                          "ratio needs the rollout's log-probs from the same unmerged forward as the update)")
-    if cfg.training.nft_eta_max > 0 and cfg.training.objective != "nft":
-        raise ConfigError("training.nft_eta_max: a soft-updated sampling policy is DiffusionNFT's (objective: nft); "
-                          "grpo's log-prob ratios need rollouts from the weights of the iteration's start")
-    if cfg.training.objective == "nft" and kernel.family != "flow":
-        raise ConfigError("training.objective: nft trains velocities on the rectified-flow forward process; it needs "
-                          "a flow model and kernel (SD3, FLUX)")
+    if cfg.finetune.merged_sampling and cfg.finetune.mode != "lora":
+        raise ConfigError("finetune.merged_sampling: needs finetune.mode lora (it merges the adapter)")
+    OBJECTIVES[cfg.training.objective].check(cfg, kernel, scales, plan)
     if family != "unknown" and (family == "sd") != (kernel.family == "ddim"):
         raise ConfigError(f"sampling.kernel: {cfg.sampling.kernel['name']} does not fit a {family} model "
                           f"({'ddim' if family == 'sd' else 'a flow kernel: flow_sde, flow_sde_const, cps'})")
