@@ -5,6 +5,8 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from flowrl.core import (
+    AGGREGATION_WEIGHTS,
+    KL_FORMS,
     POLICY_LOSSES,
     aggregate,
     chunk_log_ratios,
@@ -174,5 +176,61 @@ def test_aggregate_hand_values_and_errors():
         aggregate(loss, mask, "sum")
 
 
-def test_policy_loss_registry():
-    assert POLICY_LOSSES["clip"] is clipped_surrogate
+def _steps(n=6, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    std = torch.rand(n, generator=g) * 0.5 + 0.05
+    mean_old = torch.randn(n, d, generator=g)
+    mean = mean_old + 0.01 * torch.randn(n, d, generator=g)
+    x = mean_old + std[:, None] * torch.randn(n, d, generator=g)
+    lp = lambda m: (-(x - m).pow(2) / (2 * std[:, None] ** 2) - std[:, None].log()  # noqa: E731
+                    - 0.5 * math.log(2 * math.pi)).mean(1)
+    return lp(mean), lp(mean_old), mean, mean_old, std, torch.randn(n, generator=g)
+
+
+def test_policy_losses_share_one_signature():
+    """Every registered policy loss takes the same keyword call; clip is the PPO clip (per step or per chunk),
+    ratio_norm is the clip on GRPO-Guard's normalised log-ratio."""
+    logp, logp_old, mean, mean_old, std, adv = _steps()
+    chunks = torch.tensor([0, 0, 1, 1, 1, 2])
+    for chunk_ids in (None, chunks):
+        kw = dict(eps_low=1e-3, eps_high=2e-3, chunk_ids=chunk_ids, mean=mean, mean_old=mean_old, std=std)
+        out = {name: fn(logp, logp_old, adv, **kw) for name, fn in POLICY_LOSSES.items()}
+        assert set(out) >= {"clip", "ratio_norm"}
+        want, _ = clipped_surrogate(logp, logp_old, adv, 1e-3, 2e-3, chunk_ids=chunk_ids)
+        torch.testing.assert_close(out["clip"][0], want)
+        lr = ratio_norm_log_ratio(logp, logp_old, mean, mean_old, std)
+        if chunk_ids is not None:
+            lr = chunk_log_ratios(lr, torch.zeros_like(lr), chunk_ids)
+        torch.testing.assert_close(out["ratio_norm"][0], clipped_surrogate_from_log_ratio(lr, adv, 1e-3, 2e-3)[0])
+    assert POLICY_LOSSES["ratio_norm"].requires == ("mean",) and POLICY_LOSSES["clip"].requires == ()
+    with pytest.raises(ValueError, match="mean_old"):
+        POLICY_LOSSES["ratio_norm"](logp, logp_old, adv, eps_low=1e-3)
+
+
+def test_kl_forms_closed_forms():
+    """gaussian: the closed-form KL of the two step Gaussians per element; flow_grpo: the same over g^2 = s^2 / h,
+    i.e. h times it; k1 / k2 / k3: Schulman's estimators of the unit log-probs."""
+    logp, logp_ref, mean, mean_ref, std, _ = _steps(seed=1)
+    h = torch.rand(len(std)) * 0.3 + 0.01
+    kw = dict(logp=logp, logp_ref=logp_ref, mean=mean, mean_ref=mean_ref, std=std, h=h)
+    per_elem = kl_divergence(Normal(mean, std[:, None]), Normal(mean_ref, std[:, None])).mean(1)
+    torch.testing.assert_close(KL_FORMS["gaussian"](**kw), per_elem)
+    torch.testing.assert_close(KL_FORMS["flow_grpo"](**kw), per_elem * h)
+    for kind in ("k1", "k2", "k3"):
+        torch.testing.assert_close(KL_FORMS[kind](**kw), kl_estimator(logp, logp_ref, kind))
+
+
+@pytest.mark.parametrize("mode", sorted(AGGREGATION_WEIGHTS))
+def test_aggregation_weights_equal_aggregate(mode):
+    """Per-unit weights over an update's flat units reproduce ``aggregate`` on the (seqs, tokens) layout, and
+    split over micro-batches they add up to it."""
+    lengths = [3, 1, 4, 2]
+    loss2d = torch.randn(4, 4, dtype=torch.float64)
+    mask = torch.tensor([[1.0] * n + [0.0] * (4 - n) for n in lengths], dtype=torch.float64)
+    want = aggregate(loss2d, mask, mode, norm_len=5 if mode.endswith("norm") else None)
+    seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    flat = torch.cat([loss2d[i, :n] for i, n in enumerate(lengths)])
+    w, denom = AGGREGATION_WEIGHTS[mode](seq, 5)
+    torch.testing.assert_close((flat * w).sum() / denom, want)
+    parts = torch.tensor_split(torch.randperm(len(flat)), 3)
+    torch.testing.assert_close(sum((flat[p] * w[p]).sum() / denom for p in parts), want)

@@ -237,7 +237,7 @@ def test_soft_updated_sampling_policy(tmp_path, monkeypatch):
         rows.append(trainer.iteration(it))
         first_gap.append(gaps[0])
         thetas.append(clone(trainer.params))
-        olds.append(clone(trainer.sampler.params))
+        olds.append(clone(trainer.objective.soft.params))
     assert [r["nft_eta"] for r in rows] == [0.0, 0.5, 0.5] and not any("skipped" in r for r in rows)
     # eta_0 = 0: theta_old = theta_1; then theta_old_2 = (theta_1 + theta_2) / 2
     assert all(torch.equal(o, p) for o, p in zip(olds[0], thetas[1]))
@@ -249,8 +249,8 @@ def test_soft_updated_sampling_policy(tmp_path, monkeypatch):
     assert first_gap[0] == 0.0 and first_gap[1] == 0.0 and first_gap[2] > 1e-4, first_gap
     # checkpoint state round-trips
     other = nft_mod.SoftPolicy(thetas[0], 0.5, 0.5)
-    other.load_state_dict(trainer.sampler.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(other.params, trainer.sampler.params))
+    other.load_state_dict(trainer.objective.soft.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.params, trainer.objective.soft.params))
     for extra, needle in ((["training.objective=grpo", "sampling.schedule={name: constant}"], "nft_eta_max"),
                           (["training.nft_eta_max=1.0"], "nft_eta_max")):
         with pytest.raises(ConfigError, match=needle):
@@ -270,24 +270,24 @@ def test_kl_reference_velocity_once_per_iteration(tmp_path, monkeypatch):
         f"run.output_dir={tmp_path / 'run'}", "training.objective=nft", "training.lr=1e-2",
         "sampling.schedule={name: constant, scale: 0.0}", "training.kl_beta=0.1", "training.updates_per_epoch=2",
         "eval.every=0", "run.progress=false"])
-    captured, real_loss_fn = [], nft_mod.loss_fn
-    monkeypatch.setattr(nft_mod, "loss_fn", lambda *a, **kw: captured.append(a) or real_loss_fn(*a, **kw))
     trainer = trainer_mod.Trainer(cfg)
     trainer.iteration(0)  # the LoRA moves off its zero start: the penalty is non-zero
-    policy, forest, units, unit_adv, c, reference, autocast, sampling, merged = captured[-1]
+    obj = trainer.objective
+    forest = trainer._rollout(trainer.train_set.prompts[:4], [0, 1, 2, 3], 1)
+    leaves = forest.leaves()
+    adv = torch.linspace(-1, 1, len(leaves))
+    units = obj.units(forest, adv, forest.node_prompt[leaves], 1)
     calls, real_velocity = [], nft_mod.velocity
     monkeypatch.setattr(nft_mod, "velocity", lambda *a: calls.append(a[-1]) or real_velocity(*a))
-
-    cached = real_loss_fn(policy, forest, units, unit_adv, c, reference, autocast, sampling, merged)
-    assert calls == [False, False, True, True]  # v_old and the reference, per micro-batch of 32 (64 units)
-    per_update = copy.deepcopy(c)
-    per_update.training.updates_per_epoch = per_update.training.inner_epochs = 1
-    fresh = real_loss_fn(policy, forest, units, unit_adv, per_update, reference, autocast, sampling, merged)
     mb = torch.arange(8, 24)
-    calls.clear()
-    kl_cached = cached(mb)[1]["kl"]
-    assert calls == [False]  # the update itself: the trained velocity only
-    kl_fresh = fresh(mb)[1]["kl"]
+    with trainer.views.use("train"):
+        obj.prepare(forest, units, 1)
+        assert calls == [False, False, True, True]  # v_old and the reference, per micro-batch of 32 (64 units)
+        calls.clear()
+        kl_cached = obj.loss(forest, units, mb)[1]["kl"]
+        assert calls == [False]  # the update itself: the trained velocity only
+        obj.v_ref = None  # one update per iteration: the reference recomputed at the update
+        kl_fresh = obj.loss(forest, units, mb)[1]["kl"]
     assert float(kl_cached.min()) > 0 and torch.allclose(kl_cached, kl_fresh, rtol=1e-4, atol=1e-9)
 
 

@@ -75,18 +75,18 @@ def test_non_finite_reward_loss_and_gradient_skip_the_update(tmp_path):
     assert same(snapshot(tr), before) and tr.state.consecutive_skips == 1
 
     # a non-finite loss on the units of local prompt 1 only
-    unit_loss = tr._unit_loss
+    unit_loss = tr.objective.loss
 
-    def nan_loss(forest, mb, adv):
-        loss, s = unit_loss(forest, mb, adv)
-        bad = forest.node_prompt[forest.src[mb]] == 1
+    def nan_loss(forest, units, mb):
+        loss, s = unit_loss(forest, units, mb)
+        bad = units.prompt[mb] == 1
         return torch.where(bad.to(loss.device), torch.full_like(loss, float("nan")), loss), s
 
-    tr._unit_loss = nan_loss
+    tr.objective.loss = nan_loss
     row = tr.iteration(2)
     assert row["skipped"] == "loss" and row["skipped_prompts"] == ids(tr, 2, [1])
     assert "reward/mean" in row and same(snapshot(tr), before) and tr.state.consecutive_skips == 2
-    tr._unit_loss = unit_loss
+    tr.objective.loss = unit_loss
 
     # a finite loss whose gradient is not: nothing to blame a prompt for
     hook = tr.params[0].register_hook(lambda g: torch.full_like(g, float("inf")))
@@ -132,14 +132,14 @@ def test_failing_reward_is_retried_then_fails_by_name_leaving_checkpoints_intact
                  "rewards.kwargs={test_flaky: {from_call: 2, failures: -1}}", "rewards.retry_backoff=0.01",
                  "run.iterations=6", "run.save_every=1", "run.keep_checkpoints=0", name="fails")
     written = {}
-    save = tr._save_checkpoint
+    save = tr.folder.save_checkpoint
 
-    def recording_save(iteration, score):
-        path = save(iteration, score)
+    def recording_save(state, iteration, score):
+        path = save(state, iteration, score)
         written[path] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir()}
         return path
 
-    tr._save_checkpoint = recording_save
+    tr.folder.save_checkpoint = recording_save
     with pytest.raises(TrainingError, match=r"reward 'test_flaky' failed 2 time\(s\); last error: ConnectionError"):
         tr.train()
     root = tmp_path / "fails" / "checkpoints"
@@ -190,20 +190,20 @@ def test_everything_registered_comes_back_on_resume(tmp_path, mode):
             f.write(json.dumps(t.rows[-1]) + "\n")
 
     def everything(t) -> dict:
-        soft = [p.clone() for p in t.sampler.state_dict()["params"]] if t.sampler is not None else []
-        return {**snapshot(t), "soft": soft, "tracker": t.tracker.state_dict(), "state": t.state.state_dict(),
+        soft = [p.clone() for o in t.objective.state() for p in o.state_dict()["params"]]
+        return {**snapshot(t), "soft": soft, "tracker": t.scorer.tracker.state_dict(), "state": t.state.state_dict(),
                 "rng": torch.get_rng_state()}
 
     step(tr, 0)
     step(tr, 1)
-    path = tr._save_checkpoint(2, None)
+    path = tr.folder.save_checkpoint(tr.state, 2, None)
     expected = everything(tr)
     assert expected["tracker"]["history"] and expected["lr_steps"] == 2 * (2 if mode == "nft" else 1)
     if mode == "nft":  # the sampling policy lags the trained weights
         assert not all(torch.equal(a, b.detach()) for a, b in zip(expected["soft"], tr.params))
     step(tr, 2)  # a later checkpoint and metrics row, which resuming from the earlier checkpoint discards
     straight = {**everything(tr), "row": {k: v for k, v in tr.rows[-1].items() if not k.startswith("time/")}}
-    later = tr._save_checkpoint(3, None)
+    later = tr.folder.save_checkpoint(tr.state, 3, None)
     torch.rand(5)  # move the global generator on: the resume must put it back
 
     again = trainer(tmp_path, *extra, resume=str(path))
@@ -223,17 +223,17 @@ def test_everything_registered_comes_back_on_resume(tmp_path, mode):
 def test_eval_samples_at_eval_guidance(tmp_path, monkeypatch):
     """eval.guidance_scale, when set, is the guidance of the eval images (and the before/after grid); otherwise
     the rollouts' sampling.guidance_scale."""
-    import flowrl.train.trainer as trainer_module
+    import flowrl.train.evaluation as evaluation_module
 
     seen = []
-    real = trainer_module.rollout
+    real = evaluation_module.rollout
 
     def spy(*args, **kwargs):
         seen.append(kwargs["guidance_scale"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "rollout", spy)
+    monkeypatch.setattr(evaluation_module, "rollout", spy)
     evals = [f"data.eval_prompts={ROOT / 'flowrl/data/prompts/tiny_eval.txt'}"]
-    trainer(tmp_path, *evals, name="a")._eval_images([0])
-    trainer(tmp_path, *evals, "eval.guidance_scale=3.0", name="b")._eval_images([0])
+    trainer(tmp_path, *evals, name="a").evaluator.images([0])
+    trainer(tmp_path, *evals, "eval.guidance_scale=3.0", name="b").evaluator.images([0])
     assert seen == [1.0, 3.0]

@@ -36,9 +36,12 @@ EXPECTED = {
 }
 
 
+ESTIMATOR = {"group": "grpo", "global": "flow_grpo"}
+
+
 @pytest.mark.parametrize("mode,std", sorted(EXPECTED))
 def test_combination_modes_match_the_hand_computation(mode, std):
-    cfg = load_config(RECIPE, [f"rewards.combine={mode}", f"advantages.std={std}", "advantages.eps=0",
+    cfg = load_config(RECIPE, [f"rewards.combine={mode}", f"advantages.estimator={ESTIMATOR[std]}", "advantages.eps=0",
                                "advantages.clip=null"])
     comps = {"a": torch.tensor(A, dtype=torch.float64), "b": torch.tensor(B, dtype=torch.float64)}
     adv = advantages_from_rewards(comps, torch.tensor(SLOTS), {"a": 1.0, "b": 2.0}, cfg)
@@ -64,7 +67,7 @@ def test_train_with_a_pointwise_and_a_pairwise_reward(tmp_path):
     sets = [f"run.output_dir={run}", "run.iterations=2", "run.progress=false", "run.dump_advantages=true",
             "eval.every=2", "rewards.components={brightness: 1.0, pairwise: 0.5}",
             "rewards.kwargs={pairwise: {judge: 'reward:jpeg_compressibility'}}",
-            "rewards.combine=normalize_then_sum", "advantages.std=group"]
+            "rewards.combine=normalize_then_sum", "advantages.estimator=grpo"]
     cmd = [sys.executable, "-m", "flowrl.cli", "train", str(RECIPE)] + [a for s in sets for a in ("--set", s)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

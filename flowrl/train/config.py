@@ -55,7 +55,7 @@ class FinetuneConfig:
     mode: str = "lora"                   # lora | full
     lora_rank: int = 32
     lora_alpha: float | None = None      # None: = rank
-    lora_target_modules: list[str] | None = None  # None: the family's default (flowrl.train.lora)
+    lora_target_modules: list[str] | None = None  # None: the family's default (flowrl.models.families)
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0               # EMA of the trained weights (0: off); used for eval and the output

@@ -58,6 +58,7 @@ class Trainer:
         if isinstance(resume, str):  # checked before anything is built or written
             resume = checkpoint.prepare_resume(cfg, resume)
         saved = resume.info if resume else None
+        self.resume_from = resume.path if resume else None
         self.run_dir = Path(c.run.output_dir)
         if resume is None:
             check_run_dir(self.run_dir)

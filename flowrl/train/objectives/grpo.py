@@ -47,6 +47,8 @@ class GRPO(Objective):
             raise ConfigError(f"training.step_weights: {t.step_weights!r} is not one of {list(STEP_WEIGHTS)}")
         if t.step_weights == "inverse_dt" and kernel.family != "flow":
             raise ConfigError("training.step_weights: inverse_dt needs a flow model's sampling grid")
+        if t.kl == "flow_grpo" and kernel.family != "flow":
+            raise ConfigError("training.kl: flow_grpo scales by the step length h_k of a flow model's grid")
         if t.keep_extremes < 0 or t.keep_extremes % 2:
             raise ConfigError(f"training.keep_extremes: an even number of samples (k/2 best, k/2 worst) or 0, got "
                               f"{t.keep_extremes}")
