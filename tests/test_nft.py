@@ -260,7 +260,6 @@ def test_soft_updated_sampling_policy(tmp_path, monkeypatch):
 def test_kl_reference_velocity_once_per_iteration(tmp_path, monkeypatch):
     """With several updates per iteration the base's velocity at each unit's fixed draw is computed once, before
     the first update, and the penalty equals the one recomputed per update."""
-    import copy
 
     from flowrl.train import nft as nft_mod
     from flowrl.train import trainer as trainer_mod

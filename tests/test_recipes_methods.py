@@ -3,11 +3,12 @@ models.
 
 Each recipe keeps its method keys (kernel, schedule, step count, chunks, policy loss, step weights, KL form,
 zero-advantage drop, window draw) and swaps only its model for the tiny one of its family, its reward for
-brightness, its prompts for the tiny list and its sizes for small ones. Two iterations run in process; the test
-reads the rollout forest, the training units and the micro-batches the objective was handed, and checks that the
-method did what the recipe says: which steps were SDE and trained, whole chunks only and never split, RatioNorm
-with its recorded means, 1 / h_k weights, flow_grpo's KL, the zero-advantage mask, shared initial noise.
-A second test pins each recipe's published values, so an edit cannot drift from the sources its header cites.
+brightness with one tied group per iteration, its prompts for the tiny list and its sizes for small ones. Two
+iterations run in process; the test reads the rollout forest, the training units and the micro-batches the
+objective was handed, and checks that the method did what the recipe says: which steps were SDE and which were
+trained, whole chunks only and never split over micro-batches, RatioNorm with its recorded means, 1 / h_k
+weights, flow_grpo's KL, the zero-advantage mask, shared initial noise. A second test pins each recipe's
+published values, so an edit cannot drift from the sources its header cites.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import math
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 import torch
 import yaml
 
@@ -24,6 +26,7 @@ from flowrl.sampling.kernels import KERNELS
 from flowrl.train import builders
 from flowrl.train.config import Config, build_dataclass, load_config
 from flowrl.train.trainer import Trainer
+from rewards import Reward, register
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -96,8 +99,9 @@ PUBLISHED = {
         "rewards.components": {"hpsv21": 1.0},
     },
     "sd3_flowgrpo_pickscore.yaml": {
-        "sampling.kernel": {"name": "flow_sde", "a": 0.7}, "sampling.schedule": {"name": "window", "size": 9, "start": 0},
-        "training.kl": "flow_grpo", "training.kl_beta": 0.01, "training.drop_zero_advantage": True,
+        "sampling.kernel": {"name": "flow_sde", "a": 0.7},
+        "sampling.schedule": {"name": "window", "size": 9, "start": 0}, "training.kl": "flow_grpo",
+        "training.kl_beta": 0.01, "training.drop_zero_advantage": True,
         "training.cfg_detach_uncond": False, "training.clip_eps_low": 1e-4, "training.lr": 3e-4,
         "advantages.estimator": "flow_grpo",
     },
@@ -123,6 +127,17 @@ PUBLISHED = {
 
 # runs: (recipe, extra overrides); the GCPO variant its header names is one --set
 RUNS = [(name, []) for name in PUBLISHED] + [("flux_gcpo_hpsv21.yaml", ["training.chunk_weighted=true"])]
+
+
+@register("test_tied_brightness")
+class TiedBrightness(Reward):
+    """Mean brightness, except that every image of the batch's first prompt scores 0.5: one group per iteration
+    whose images all tie, so its advantages are exactly 0 (what drop_zero_advantage acts on)."""
+
+    def score(self, images, prompts, metadata):
+        out = images.float().mean(dim=(1, 2, 3))
+        out[[i for i, p in enumerate(prompts) if p == prompts[0]]] = 0.5
+        return out
 
 
 def _get(obj, dotted: str):
@@ -167,7 +182,7 @@ def _overrides(name: str, out: Path) -> list[str]:
             "run.progress=false", "data.prompts_per_iteration=2",
             f"sampling.plan={{name: flat, G: {G}, shared_noise: {str(shared).lower()}}}",
             "model.height=32", "model.width=32", "model.max_sequence_length=32", "eval.every=0",
-            "rewards.components=brightness:1.0", "rewards.kwargs={}",
+            "rewards.components=test_tied_brightness:1.0", "rewards.kwargs={}",
             "data.train_prompts=flowrl/data/prompts/tiny_train.txt", "data.eval_prompts=null"]
 
 
@@ -193,6 +208,15 @@ def _layout(sizes, n):
     return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[:n]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """The recipes' mixed precision differs from other in-process runs', and accelerate keeps one state per
+    process: start and leave each test with none."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("name, extra", RUNS, ids=lambda v: v if isinstance(v, str) else "+".join(v) or "as-is")
 def test_two_iterations_run_the_method(name, extra, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -209,6 +233,7 @@ def test_two_iterations_run_the_method(name, extra, tmp_path, monkeypatch):
         assert "skipped" not in r, r
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
     assert len(seen) == 2
+    assert all(r["adv/zero_groups"] == 1 for r in rows)  # the tied group
     if t.updates_per_epoch == 1 and t.inner_epochs == 1:  # the only update of iteration 0 is on-policy
         assert rows[0]["ratio_min"] == pytest.approx(1.0, abs=1e-5)
         assert rows[0]["ratio_max"] == pytest.approx(1.0, abs=1e-5)
@@ -261,8 +286,9 @@ def test_two_iterations_run_the_method(name, extra, tmp_path, monkeypatch):
         else:
             assert bool((u.weight == 1).all())
         # zero-advantage samples out of the loss, or all kept
-        expected_keep = (u.adv != 0).float() if t.drop_zero_advantage else torch.ones(len(u))
-        assert torch.equal(u.keep.float(), expected_keep)
+        tied = u.adv == 0
+        assert bool(tied.any()) and bool((~tied).any())
+        assert torch.equal(u.keep.float(), (~tied).float() if t.drop_zero_advantage else torch.ones(len(u)))
 
     # RatioNorm: the rollout recorded the kernel means its log-ratio needs
     assert trainer.objective.policy_loss is POLICY_LOSSES[t.policy_loss]

@@ -31,7 +31,8 @@ from .stat_tracker import PerPromptStatTracker
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "GroupStats", "batch_std", "combine_rewards", "get_advantage_estimator",
     "group_advantages", "group_ids", "group_stats", "pairwise_win_rates", "preference_matrix",
-    "AGGREGATION_WEIGHTS", "KL_FORMS", "POLICY_LOSSES", "aggregate", "chunk_log_ratios", "chunk_ratios", "clipped_surrogate",
+    "AGGREGATION_WEIGHTS", "KL_FORMS", "POLICY_LOSSES",
+    "aggregate", "chunk_log_ratios", "chunk_ratios", "clipped_surrogate",
     "clipped_surrogate_from_log_ratio", "kl_estimator", "kl_gaussian_mean", "nft_loss", "nft_optimality",
     "ratio_norm_log_ratio",
     "PerPromptStatTracker",

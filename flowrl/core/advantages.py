@@ -1,4 +1,4 @@
-"""Group-relative advantages (ALGORITHMS.md §5), shared by image and LLM training.
+"""Group-relative advantages (docs/algorithms.md §5), shared by image and LLM training.
 
 Rewards are a flat 1-D tensor; ``groups`` is a parallel LongTensor of group ids (see ``group_ids``).
 A group is whatever a method compares against: a prompt, or (prompt, step), (tree, depth), ...
@@ -174,7 +174,7 @@ def combine_rewards(
     estimator: str | Callable[..., Tensor] = "grpo",
     **adv_kwargs,
 ) -> Tensor:
-    """Advantages from several named reward components (ALGORITHMS.md §5, multiple rewards).
+    """Advantages from several named reward components (docs/algorithms.md §5, multiple rewards).
 
     "sum_then_normalize": ``group_advantages(sum_k w_k r_k)``.
     "normalize_then_sum" (GDPO / MixGRPO default): ``sum_k w_k group_advantages(r_k)``; a plain weighted

@@ -1,4 +1,4 @@
-"""Policy losses (ALGORITHMS.md §6-7): clipped surrogate, chunk/sequence ratios, RatioNorm, KL, aggregation, and
+"""Policy losses (docs/algorithms.md §6-7): clipped surrogate, chunk/sequence ratios, RatioNorm, KL, aggregation, and
 DiffusionNFT's forward-process loss (no log-probs: flow matching on clean samples).
 
 A *unit* is what carries one log-prob: a denoising step (image) or a token (LLM). Image log-probs are

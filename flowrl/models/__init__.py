@@ -68,5 +68,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "FAMILY_OF_PIPELINE", "Family", "adapter_options", "family_of_pipeline", "FluxPolicy", "SD3Policy", "SDPolicy", "TOY_BASE", "load_pipeline",
+__all__ = ["ADAPTERS", "DTYPES", "FAMILIES", "FAMILY_OF_PIPELINE", "Family", "adapter_options",
+           "family_of_pipeline", "FluxPolicy", "SD3Policy", "SDPolicy", "TOY_BASE", "load_pipeline",
            "load_policy", "policy_from_pipeline", "resolve_model_path"]

@@ -1,4 +1,4 @@
-"""The rollout forest: every method's rollout is recorded in this one structure (DESIGN.md).
+"""The rollout forest: every method's rollout is recorded in this one structure (docs/design.md).
 
 Nodes are latent states (node i is x at grid step ``node_step[i]``), edges are transitions between them. Per
 prompt there are one or more trees; flat GRPO is a forest of chains, BranchGRPO a forest of binary trees.

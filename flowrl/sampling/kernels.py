@@ -1,4 +1,4 @@
-"""Transition kernels: the stochastic policy of the sampler MDP (ALGORITHMS.md §2).
+"""Transition kernels: the stochastic policy of the sampler MDP (docs/algorithms.md §2).
 
 A kernel maps a state ``x`` and the model output at it to a Gaussian ``N(mean, std^2 I)`` over the next state.
 Every function here is pure tensor math in float32, whatever the model's dtype, so that a log-prob recomputed

@@ -1,4 +1,4 @@
-"""Rollout shapes (branch plans) and their forward-pass cost (ALGORITHMS.md §4).
+"""Rollout shapes (branch plans) and their forward-pass cost (docs/algorithms.md §4).
 
 A plan says how many trees each prompt gets, whether they share their initial noise, and how many children
 every frontier node makes at each step. The rollout executes it; the plan itself also knows its cost in closed

@@ -1,4 +1,4 @@
-"""Noise schedules: which denoising steps are stochastic, and how much (ALGORITHMS.md §3).
+"""Noise schedules: which denoising steps are stochastic, and how much (docs/algorithms.md §3).
 
 A schedule answers ``noise_scales(num_steps, iteration)`` with a float tensor (S,): 0 marks an ODE step (no
 log-prob, never trained), s > 0 an SDE step whose kernel noise level is multiplied by s. The answer may depend on

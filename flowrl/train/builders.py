@@ -145,3 +145,14 @@ def balance_weights(metadata: list[dict], key: str, shares: dict | None = None) 
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not math.isfinite(share) or share <= 0:
             raise ConfigError(f"data.balance_weights.{name}: must be a positive number, got {share!r}")
     return torch.tensor([shares.get(v, 1.0) / counts[v] for v in values], dtype=torch.float64)
+
+
+def prompt_indices(seed: int, iteration: int, total: int, n: int, weights: torch.Tensor | None = None) -> list[int]:
+    """The iteration's n global prompt indices, seeded by (seed, iteration) so every process and any resumed run
+    agree without shared state: a fresh permutation per iteration, or with ``weights`` a weighted draw without
+    replacement (e.g. balanced over GenEval categories)."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "prompts", iteration))
+    if weights is not None:
+        return torch.multinomial(weights, n, replacement=n > total, generator=g).tolist()
+    perms = [torch.randperm(total, generator=g) for _ in range(math.ceil(n / total))]
+    return torch.cat(perms)[:n].tolist()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowrl.core import nft_loss, nft_optimality
+from flowrl.core import nft_loss  # noqa: F401 (the objective calls it through this module)
 from flowrl.sampling import Forest
 from flowrl.sampling.policy import Policy
 from flowrl.sampling.seeding import derive_seed, randn

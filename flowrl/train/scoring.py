@@ -20,6 +20,14 @@ def advantages_from_rewards(components: dict, slots: torch.Tensor, weights: dict
                            estimator=a.estimator, eps=a.eps, clip=a.clip)
 
 
+def eval_score(row: dict, weights: dict) -> float | None:
+    """The reward-weighted eval score of a row that ran an eval (picks the best checkpoint), else None."""
+    keys = {n: f"eval/{n}_mean" for n in weights}
+    if not all(k in row for k in keys.values()):
+        return None
+    return sum(w * row[keys[n]] for n, w in weights.items())
+
+
 class Scorer:
     def __init__(self, cfg, acc, reward, warn):
         self.cfg, self.acc, self.reward, self.warn = cfg, acc, reward, warn

@@ -21,32 +21,21 @@ from tqdm.auto import tqdm
 
 import rewards as rewards_lib
 from flowrl.sampling import rollout
-from flowrl.sampling.seeding import derive_seed
 from flowrl.train import builders, checkpoint, guards
+from flowrl.train.builders import prompt_indices  # noqa: F401 (re-exported)
 from flowrl.train.checkpoint import LoopState
 from flowrl.train.config import Config, ConfigError
 from flowrl.train.evaluation import Evaluator, spread  # noqa: F401 (spread: part of this module's old surface)
 from flowrl.train.images import save_grid
 from flowrl.train.objectives import OBJECTIVES
 from flowrl.train.run_folder import RunFolder, check_run_dir
-from flowrl.train.scoring import Scorer, advantages_from_rewards  # noqa: F401 (re-exported)
+from flowrl.train.scoring import Scorer, advantages_from_rewards, eval_score  # noqa: F401 (re-exported)
 from flowrl.train.setup import build_model
 from flowrl.train.units import aggregation, micro_batches
 from flowrl.train.weights import WeightViews
 
 GRID_IMAGES = 32
 logger = logging.getLogger("flowrl")
-
-
-def prompt_indices(seed: int, iteration: int, total: int, n: int, weights: torch.Tensor | None = None) -> list[int]:
-    """The iteration's n global prompt indices, seeded by (seed, iteration) so every process and any resumed run
-    agree without shared state: a fresh permutation per iteration, or with ``weights`` a weighted draw without
-    replacement (e.g. balanced over GenEval categories)."""
-    g = torch.Generator().manual_seed(derive_seed(seed, "prompts", iteration))
-    if weights is not None:
-        return torch.multinomial(weights, n, replacement=n > total, generator=g).tolist()
-    perms = [torch.randperm(total, generator=g) for _ in range(math.ceil(n / total))]
-    return torch.cat(perms)[:n].tolist()
 
 
 class Trainer:
@@ -150,7 +139,7 @@ class Trainer:
                 stopping = self._any_process(stop.received is not None) and not last
                 failing = self.state.consecutive_skips >= c.training.max_consecutive_skips
                 if stopping or failing or last or (c.run.save_every and (it + 1) % c.run.save_every == 0):
-                    saved = self.folder.save_checkpoint(self.state, it + 1, self._eval_score(row))
+                    saved = self.folder.save_checkpoint(self.state, it + 1, eval_score(row, self.reward.weights))
                 if failing:
                     raise guards.TrainingError(
                         f"{self.state.consecutive_skips} iterations in a row skipped for non-finite values (the "
@@ -172,13 +161,6 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return None
-
-    def _eval_score(self, row: dict) -> float | None:
-        """The reward-weighted eval score of the row's iteration, if it ran an eval (picks the best checkpoint)."""
-        keys = {n: f"eval/{n}_mean" for n in self.reward.weights}
-        if not all(k in row for k in keys.values()):
-            return None
-        return sum(w * row[keys[n]] for n, w in self.reward.weights.items())
 
     def iteration(self, it: int) -> dict:
         c, acc = self.cfg, self.acc

@@ -52,7 +52,9 @@ class WeightViews:
             self.policy.denoiser = plain
 
     def _soft(self):
-        return self.sampling_policy.active(self.params) if self.sampling_policy is not None else contextlib.nullcontext()
+        if self.sampling_policy is None:
+            return contextlib.nullcontext()
+        return self.sampling_policy.active(self.params)
 
     def _merged(self):
         if not self.merged_sampling:
