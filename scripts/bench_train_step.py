@@ -2,8 +2,9 @@
 
     python scripts/bench_train_step.py [--units 8] [--repeats 30] [--lora | --full]
 
-Tiny SD3 (64x64, CFG 4.5, LoRA rank 32 by default): one micro-batch of stored SDE steps re-scored through
-``score_edges`` (CFG stack, kernel mean, Gaussian log-prob), the clipped surrogate and backward, against the same
+Tiny SD3 (64x64, CFG 4.5, LoRA rank 32 by default): one micro-batch of stored SDE steps through the trainer's own
+path, the GRPO objective's loss (``score_edges``: CFG stack, kernel mean, Gaussian log-prob; the clipped surrogate)
+and the loop's aggregation, then backward, against the same
 transformer's forward + backward on the same stacked inputs. Both are timed in one run as adjacent pairs in
 alternating order; the median per-pair ratio is printed. Goal: <= 1.10.
 """
@@ -18,11 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from flowrl.core import clipped_surrogate  # noqa: E402
 from flowrl.models import policy_from_pipeline  # noqa: E402
 from flowrl.models.tiny import tiny_sd3_pipeline  # noqa: E402
-from flowrl.sampling import Flat, FlowSDE, rollout, score_edges  # noqa: E402
+from flowrl.sampling import Flat, FlowSDE, rollout  # noqa: E402
+from flowrl.train.config import Config  # noqa: E402
 from flowrl.train.finetune import add_lora  # noqa: E402
+from flowrl.train.objectives import GRPO  # noqa: E402
+from flowrl.train.units import aggregation  # noqa: E402
 
 
 def main():
@@ -42,9 +45,12 @@ def main():
     params = [p for p in den.parameters() if p.requires_grad]
     forest = rollout(policy, ["a red circle above a blue square"], plan=Flat(args.units), kernel=FlowSDE(a=0.7),
                      num_steps=10, guidance_scale=4.5)
-    mb = forest.trainable_edges()[torch.randperm(forest.num_edges, generator=torch.Generator().manual_seed(0))
-                                  [: args.units]]
-    adv = torch.randn(args.units)
+    # the trainer's own path: the GRPO objective's units and loss, the loop's aggregation
+    objective = GRPO(Config(), policy, views=None)
+    units = objective.units(forest, torch.randn(args.units), torch.zeros(args.units, dtype=torch.long), 0)
+    ids = torch.randperm(len(units), generator=torch.Generator().manual_seed(0))[: args.units]
+    mb = units.edge[ids]
+    weights, denom = aggregation(units, ids, "token-mean")
 
     # the bare twin: the transformer on exactly the rows score_edges feeds it
     x = forest.latents[forest.src[mb]]
@@ -58,9 +64,8 @@ def main():
         out.float().mean().backward()
 
     def step():
-        logp, _, _ = score_edges(policy, forest, mb)
-        loss, _ = clipped_surrogate(logp, forest.logp_old[mb], adv, 1e-4)
-        loss.mean().backward()
+        loss, _ = objective.loss(forest, units, ids)
+        ((loss * weights.to(loss)).sum() / denom).backward()
 
     def timed(fn):
         for p in params:
