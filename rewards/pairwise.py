@@ -1,5 +1,5 @@
 """``pairwise``: Pref-GRPO's reward. A judge compares the images of each group two by two; an image's reward is
-its win rate over the other G - 1 members of its group (ties count 1/2), ALGORITHMS.md §5.
+its win rate over the other G - 1 members of its group (ties count 1/2), docs/algorithms.md §5.
 
 A judge is a callable ``judge(images_a, images_b, prompts) -> (M,) P(a better than b)`` over M pairs, in [0, 1]:
   - ``"vlm"``: a ``vlm_judge`` (rewards/vlm.py) asked which of the two is better; ``judge_kwargs`` build it;

@@ -17,9 +17,9 @@ import math
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState
 import torch
 import yaml
+from accelerate.state import AcceleratorState
 
 from flowrl.core import KL_FORMS, POLICY_LOSSES
 from flowrl.sampling.kernels import KERNELS
