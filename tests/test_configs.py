@@ -241,8 +241,7 @@ def test_balance_weights_set_each_category_share(in_repo):
     """data.balance_weights: each tag's total draw probability is its share over the sum of shares (unnamed tags
     1), whatever its prompt count; an unknown tag, a non-positive share or weights without balance_key fail by
     name at load time."""
-    from flowrl.train.builders import balance_weights, load_prompts
-    from flowrl.train.trainer import prompt_indices
+    from flowrl.train.builders import balance_weights, load_prompts, prompt_indices
 
     toy = REPO / "configs" / "toy_nft.yaml"
     cfg = load_config(toy, ["data.balance_weights={position: 3.0, colors: 0.5}"])

@@ -154,13 +154,7 @@ def _family(name: str) -> str:
     return "flux" if "flux" in _raw(name)["model"]["path"].lower() else "sd3"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread; on a busy 2-core box spinning threads cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -118,9 +118,9 @@ def test_two_processes_match_one(tmp_path):
     both processes' random states. The reward is brightness, NaN for one prompt that only iteration 1 draws,
     held by rank 1 in the 2-process run: both runs skip that update, naming the prompt (a skip decided by rank
     1 alone would leave rank 0 waiting in the advantage all-gather)."""
-    from flowrl.train.builders import load_prompts
+    from flowrl.train.builders import load_prompts, prompt_indices
     from flowrl.train.config import load_config
-    from flowrl.train.trainer import advantages_from_rewards, prompt_indices
+    from flowrl.train.scoring import advantages_from_rewards
 
     iters = 4
     cfg = load_config(RECIPE)

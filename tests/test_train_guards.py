@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from flowrl.train import checkpoint
+from flowrl.train.builders import prompt_indices
 from flowrl.train.config import load_config
 from flowrl.train.guards import TrainingError
-from flowrl.train.trainer import Trainer, prompt_indices
+from flowrl.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "tiny_smoke.yaml"
@@ -25,13 +26,7 @@ SMALL = ["run.progress=false", "eval.every=0", "data.eval_prompts=null", f"data.
          "sampling.schedule={name: window, size: 2, start: [0, 2]}", "finetune.ema_decay=0.5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core box spinning threads cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainer(tmp_path, *overrides, resume=None, name="run"):

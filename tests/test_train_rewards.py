@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flowrl.train.config import load_config
-from flowrl.train.trainer import advantages_from_rewards
+from flowrl.train.scoring import advantages_from_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "tiny_smoke.yaml"

@@ -51,10 +51,14 @@ def relative_l1_change(states: Tensor) -> Tensor:
     """
     if states.dim() < 2 or states.shape[0] < 2:
         raise ValueError(f"states must have shape (n + 1, ...) with n >= 1, got {tuple(states.shape)}")
-    x = states.detach().double().flatten(1)
-    num = (x[:-1] - x[1:]).abs().sum(1)
-    den = x[:-1].abs().sum(1)
-    return (num / den).float()
+    return step_l1_change(states[:-1], states[1:])
+
+
+def step_l1_change(x: Tensor, x_next: Tensor) -> Tensor:
+    """``||x - x_next||_1 / ||x||_1`` per row of (n, ...) pairs of states, float32 (float64 inside): the same
+    curve for steps that are not one contiguous chain (e.g. the stored steps of a rollout forest)."""
+    x, x_next = x.detach().double().flatten(1), x_next.detach().double().flatten(1)
+    return ((x - x_next).abs().sum(1) / x.abs().sum(1)).float()
 
 
 def _sign_change_cuts(values: Tensor, order: int) -> list[int]:

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .chunks import chunk_mean
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -97,13 +99,7 @@ def chunk_log_ratios(logp: Tensor, logp_old: Tensor, chunk_ids: Tensor, mask: Te
     if chunk_ids.shape != logp.shape or logp_old.shape != logp.shape:
         raise ValueError(f"logp {tuple(logp.shape)}, logp_old {tuple(logp_old.shape)} and chunk_ids "
                          f"{tuple(chunk_ids.shape)} must have one shape")
-    ids = chunk_ids.reshape(-1).long()
-    lr = (logp - logp_old).reshape(-1)
-    w = torch.ones_like(lr) if mask is None else mask.reshape(-1).to(lr.dtype)
-    k = int(ids.max()) + 1 if ids.numel() else 0
-    total = lr.new_zeros(k).index_add(0, ids, lr * w)
-    count = lr.new_zeros(k).index_add(0, ids, w)
-    return (total / count.clamp(min=1))[ids].reshape(logp.shape)
+    return chunk_mean(logp - logp_old, chunk_ids, None if mask is None else mask.reshape(logp.shape))
 
 
 def chunk_ratios(logp: Tensor, logp_old: Tensor, chunk_ids: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -268,8 +264,7 @@ def ratio_norm_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, *, eps_low: flo
         raise ValueError("ratio_norm needs mean, mean_old (recorded at rollout) and std")
     log_ratio = ratio_norm_log_ratio(logp, logp_old, mean, mean_old, std)
     if chunk_ids is not None:
-        zero = torch.zeros_like(log_ratio)
-        log_ratio = chunk_log_ratios(log_ratio, zero, chunk_ids, mask)
+        log_ratio = chunk_mean(log_ratio, chunk_ids, mask)
     return clipped_surrogate_from_log_ratio(log_ratio, adv, eps_low, eps_high, mask)
 
 

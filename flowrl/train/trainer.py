@@ -22,19 +22,17 @@ from tqdm.auto import tqdm
 import rewards as rewards_lib
 from flowrl.sampling import rollout
 from flowrl.train import builders, checkpoint, guards
-from flowrl.train.builders import prompt_indices  # noqa: F401 (re-exported)
 from flowrl.train.checkpoint import LoopState
 from flowrl.train.config import Config, ConfigError
-from flowrl.train.evaluation import Evaluator, spread  # noqa: F401 (spread: part of this module's old surface)
+from flowrl.train.evaluation import GRID_IMAGES, Evaluator
 from flowrl.train.images import save_grid
 from flowrl.train.objectives import OBJECTIVES
 from flowrl.train.run_folder import RunFolder, check_run_dir
-from flowrl.train.scoring import Scorer, advantages_from_rewards, eval_score  # noqa: F401 (re-exported)
+from flowrl.train.scoring import Scorer, eval_score
 from flowrl.train.setup import build_model
 from flowrl.train.units import aggregation, micro_batches
 from flowrl.train.weights import WeightViews
 
-GRID_IMAGES = 32
 logger = logging.getLogger("flowrl")
 
 
@@ -165,7 +163,7 @@ class Trainer:
     def iteration(self, it: int) -> dict:
         c, acc = self.cfg, self.acc
         W, rank, P = acc.num_processes, acc.process_index, c.data.prompts_per_iteration
-        idx = prompt_indices(c.run.seed, it, len(self.train_set), P, self.prompt_weights)
+        idx = builders.prompt_indices(c.run.seed, it, len(self.train_set), P, self.prompt_weights)
         local = list(range(rank * P // W, (rank + 1) * P // W))  # global slots of this process
         prompts = [self.train_set.prompts[idx[s]] for s in local]
         meta = [self.train_set.metadata[idx[s]] for s in local]

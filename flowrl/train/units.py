@@ -80,18 +80,19 @@ def micro_batches(units: Units, updates: int, size: int, seed: int, iteration: i
     than ``size`` makes a micro-batch of its own. With one unit per block this is a plain shuffle and split
     (the shuffle's stream is the one flowrl has always used, so runs reproduce across versions).
     """
-    blocks, inverse = torch.unique(units.block, return_inverse=True)
-    members = [torch.nonzero(inverse == b).flatten() for b in range(len(blocks))]
+    _, inverse, counts = torch.unique(units.block, return_inverse=True, return_counts=True)
+    members = torch.split(torch.argsort(inverse, stable=True), counts.tolist())  # unit ids of each block
     g = torch.Generator().manual_seed(derive_seed(seed, iteration, epoch, rank, "shuffle"))
-    order = torch.randperm(len(blocks), generator=g)
+    order = torch.randperm(len(members), generator=g)
     out = []
     for run in torch.tensor_split(order, updates):
-        batches, current = [], []
+        batches, current, n = [], [], 0
         for b in run.tolist():
-            if current and sum(map(len, current)) + len(members[b]) > size:
+            if current and n + len(members[b]) > size:
                 batches.append(torch.cat(current))
-                current = []
+                current, n = [], 0
             current.append(members[b])
+            n += len(members[b])
         if current:
             batches.append(torch.cat(current))
         out.append(batches)

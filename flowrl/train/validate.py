@@ -14,7 +14,6 @@ CHOICES = {
     "sampling.ode_solver": ("euler", "dpm2m"),
     "rewards.combine": ("sum_then_normalize", "normalize_then_sum"),
     "training.log_prob_reduction": ("mean", "sum"),
-    "training.aggregation": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "training.lr_schedule": ("constant", "cosine", "linear"),
 }
 POSITIVE = ("run.iterations", "sampling.num_steps", "data.prompts_per_iteration", "training.lr",
@@ -63,13 +62,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.guidance_scale: must be >= 0 or null, got {cfg.eval.guidance_scale}")
     if cfg.rewards.timeout is not None and cfg.rewards.timeout <= 0:
         raise ConfigError(f"rewards.timeout: must be > 0 seconds or null, got {cfg.rewards.timeout}")
-    from flowrl.core import ADVANTAGE_ESTIMATORS  # noqa: PLC0415
+    from flowrl.core import ADVANTAGE_ESTIMATORS, AGGREGATION_WEIGHTS  # noqa: PLC0415
     from flowrl.train.credit import CREDIT  # noqa: PLC0415
     from flowrl.train.objectives import OBJECTIVES  # noqa: PLC0415
     from flowrl.train.scoring import TRACKER_STD  # noqa: PLC0415
 
     for key, registry in (("training.objective", OBJECTIVES), ("advantages.estimator", ADVANTAGE_ESTIMATORS),
-                          ("advantages.credit", CREDIT)):
+                          ("advantages.credit", CREDIT), ("training.aggregation", AGGREGATION_WEIGHTS)):
         if _get(cfg, key) not in registry:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {sorted(registry)}")
     if cfg.advantages.per_prompt_tracker:

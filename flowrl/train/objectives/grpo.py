@@ -13,7 +13,14 @@ import math
 import torch
 
 from flowrl.core import KL_FORMS, POLICY_LOSSES
-from flowrl.core.chunks import adaptive_chunks, chunk_weights, fixed_chunks, sample_chunks, uniform_chunks
+from flowrl.core.chunks import (
+    adaptive_chunks,
+    chunk_weights,
+    fixed_chunks,
+    sample_chunks,
+    step_l1_change,
+    uniform_chunks,
+)
 from flowrl.sampling import Forest, score_edges
 from flowrl.sampling.kernels import gaussian_log_prob
 from flowrl.train.config import ConfigError
@@ -108,7 +115,7 @@ class GRPO(Objective):
         kept, ids, next_id = [], [], 0
         for tree in torch.unique(tree_of_edge).tolist():
             own = edges[tree_of_edge == tree]  # ascending: step order along the chain
-            l1 = relative_l1(forest, own)
+            l1 = step_l1_change(forest.latents[forest.src[own]], forest.latents[forest.dst[own]])
             local = chunking(t.chunks, len(own), l1)
             K = int(local.max()) + 1
             n = max(1, math.ceil(t.timestep_fraction * K))
@@ -172,12 +179,6 @@ def extremes(adv, group, k: int):
     return keep
 
 
-def relative_l1(forest: Forest, edges):
-    """||x_k - x_{k+1}||_1 / ||x_k||_1 of each edge: GCPO's step-dynamics signal."""
-    x, nxt = forest.latents[forest.src[edges]].flatten(1), forest.latents[forest.dst[edges]].flatten(1)
-    return ((x - nxt).abs().sum(1) / x.abs().sum(1).clamp(min=1e-12)).float()
-
-
 def chunking(spec: dict, n: int, l1=None):
     """Chunk index of each of a trajectory's ``n`` trained steps from a ``training.chunks`` spec; with ``l1`` None
     only checks the spec (config time)."""
@@ -185,8 +186,8 @@ def chunking(spec: dict, n: int, l1=None):
     name = spec.pop("name", None)
     if name not in CHUNKINGS:
         raise ConfigError(f"training.chunks.name: {name!r} is not one of {sorted(CHUNKINGS)}")
-    unknown = set(spec) - set(CHUNKINGS[name])
-    if unknown or set(CHUNKINGS[name]) - set(spec) and name != "adaptive":
+    unknown, missing = set(spec) - set(CHUNKINGS[name]), set(CHUNKINGS[name]) - set(spec)
+    if unknown or (missing and name != "adaptive"):  # adaptive's max_size has a default
         raise ConfigError(f"training.chunks: {name} takes {list(CHUNKINGS[name])}, got {sorted(spec)}")
     try:
         if name == "fixed":
