@@ -30,16 +30,25 @@ class ShapesReward(Reward):
 
     Dense is the default because a group of samples that all fail GenEval's binary check would give
     group-relative advantages of zero; partial credit (one of two objects, three of four circles) still ranks them.
+
+    ``verdict_bonus`` adds that much of the verdict (the strict one with ``strict=True``) to a dense or soft score:
+    partial credit ranks a group whose samples all fail, the bonus makes passing the check itself worth more than
+    any partial credit (in the dense score one shape beyond two named ones costs only 1/9).
     """
 
     main_key = "score"
 
-    def __init__(self, mode: str = "dense", strict: bool = False):
+    def __init__(self, mode: str = "dense", strict: bool = False, verdict_bonus: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"reward {self.name!r}: mode must be one of {MODES}, got {mode!r}")
         if not isinstance(strict, bool):
             raise ValueError(f"reward {self.name!r}: strict must be true or false, got {strict!r}")
-        self.mode, self.strict = mode, strict
+        if isinstance(verdict_bonus, bool) or not isinstance(verdict_bonus, (int, float)) or not verdict_bonus >= 0:
+            raise ValueError(f"reward {self.name!r}: verdict_bonus must be a number >= 0, got {verdict_bonus!r}")
+        if verdict_bonus and mode == "binary":
+            raise ValueError(f"reward {self.name!r}: verdict_bonus adds the verdict to a dense or soft score; "
+                             "mode binary is the verdict already")
+        self.mode, self.strict, self.verdict_bonus = mode, strict, float(verdict_bonus)
 
     def score(self, images, prompts, metadata):
         for p, m in zip(prompts, metadata):
@@ -51,11 +60,13 @@ class ShapesReward(Reward):
         correct = torch.tensor([float(g["correct"]) for g in grades], dtype=torch.float32)
         strict = torch.tensor([float(g["strict"]) for g in grades], dtype=torch.float32)
         dense = torch.tensor([g["score"] for g in grades], dtype=torch.float32)
+        verdict = strict if self.strict else correct
         if self.mode == "soft":
             soft = torch.tensor([g["soft_score"] for g in grades], dtype=torch.float32)
-            return {"score": soft, "dense": dense, "correct": correct, "strict": strict}
-        binary = strict if self.strict else correct
-        return {"score": dense if self.mode == "dense" else binary, "correct": correct, "strict": strict}
+            return {"score": soft + self.verdict_bonus * verdict, "dense": dense, "correct": correct, "strict": strict}
+        if self.mode == "binary":
+            return {"score": verdict, "correct": correct, "strict": strict}
+        return {"score": dense + self.verdict_bonus * verdict, "correct": correct, "strict": strict}
 
 
 __all__ = ["ShapesReward", "MODES"]
