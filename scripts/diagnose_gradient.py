@@ -1,10 +1,16 @@
-"""How much signal is in a recipe's policy gradient? Two measurements on the recipe's own rollouts and rewards.
+"""How much signal is in a recipe's policy gradient? Measurements on the recipe's own rollouts and rewards.
 
 1. Signal-to-noise: the policy gradient of K independent iterations (fresh rollout noise, the recipe's prompt
    draws, the model held fixed) and the mean cosine between them. Independent estimates of a gradient g with
    noise covariance S agree with cosine about |g|^2 / (|g|^2 + tr S), so a mean cosine near 0 says one
    iteration's update is mostly noise: the recipe needs more samples per update, a smaller learning rate, or
-   exploration that the gradient can credit (e.g. shared initial noise within a group).
+   exploration that the gradient can credit (e.g. shared initial noise within a group). The report also gives
+   |g|^2 (the mean dot product of independent pairs, unbiased) and tr S (their spread), so snr = |g| / sqrt(tr S)
+   is one update's signal-to-noise, and ``samples_for_snr_1`` the samples per update at which it would reach 1
+   (two independent updates then agree at cosine 0.5) if the noise falls as 1 / samples.
+   ``--samples 64,256,1024`` repeats it at several samples per update (prompts per iteration = samples / G),
+   ``--per-step`` splits the gradient by trajectory step (the units of one step at a time, same rollouts),
+   ``--category TAG`` keeps the training prompts whose metadata "tag" is TAG.
 2. Line search (``--steps``): the reward, sampled with the ODE as evaluation does, after moving the weights by
    -s * d for each s, on fixed seeds so every s is compared on the same noise. ``--direction``: d is the mean
    gradient over rms (a descent step on the loss, an ascent on the reward when the gradient carries signal),
@@ -12,6 +18,7 @@
    to a move of that size that carries no signal).
 
     python scripts/diagnose_gradient.py configs/toy_flowgrpo.yaml --iterations 6
+    python scripts/diagnose_gradient.py configs/toy_flowgrpo.yaml --iterations 8 --samples 64,256,1024 --per-step
     python scripts/diagnose_gradient.py configs/toy_flowgrpo.yaml --iterations 12 --steps 0,3e-4,1e-3,3e-3,-1e-3 \
         --set data.train_prompts=my_eight_prompts.jsonl
 
@@ -24,6 +31,7 @@ import argparse
 import json
 import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -32,17 +40,62 @@ from flowrl.train.config import load_config
 from flowrl.train.trainer import Trainer
 
 
-def gradients(trainer: Trainer, iterations: int) -> torch.Tensor:
-    """(iterations, num_trainable) policy gradients, one per iteration, without updating the model."""
+def gradients(trainer: Trainer, iterations: int, step: int | None = None) -> torch.Tensor:
+    """(iterations, num_trainable) policy gradients, one per iteration, without updating the model; with
+    ``step``, only the training units of that trajectory step (the same rollouts and advantages)."""
     grads = []
     # the scheduler notices that the optimiser never really steps; that is the point here
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
     trainer.optimizer.step = lambda *a, **k: grads.append(
         torch.cat([p.grad.detach().flatten().clone() for p in trainer.params]))
     trainer.acc.clip_grad_norm_ = lambda *a, **k: torch.tensor(0.0)  # record the raw gradient
-    for it in range(iterations):
-        trainer.iteration(it)
+    objective = trainer.objective
+    if step is not None:
+        units = type(objective).units
+        objective.units = lambda *a: (lambda u: u.take(torch.nonzero(u.step == step).flatten()))(
+            units(objective, *a))
+    try:
+        for it in range(iterations):
+            trainer.iteration(it)
+    finally:
+        objective.__dict__.pop("units", None)
     return torch.stack(grads)
+
+
+def agreement(G: torch.Tensor) -> dict:
+    """Statistics of K independent gradient estimates (rows of G): mean pairwise cosine, |E g|^2 (the mean dot
+    product of distinct pairs: unbiased), tr Cov (their spread), snr = |E g| / sqrt(tr Cov); standard errors by
+    a jackknife over the K estimates (their K(K-1) pairs are not independent)."""
+    G = G.double()
+    K = len(G)
+    off = ~torch.eye(K, dtype=torch.bool)
+    unit = G / G.norm(dim=1, keepdim=True)
+
+    def stats(rows):
+        g = G[rows]
+        k = len(g)
+        total = g.sum(0)
+        signal = float((total @ total - (g * g).sum()) / (k * (k - 1)))
+        noise = float((g - g.mean(0)).pow(2).sum() / (k - 1))
+        cos = float((unit[rows] @ unit[rows].T)[off[rows][:, rows]].mean())
+        return cos, signal, noise
+
+    full = stats(torch.arange(K))
+    loo = torch.tensor([stats(torch.arange(K) != i) for i in range(K)])
+    se = ((K - 1) / K * (loo - loo.mean(0)).pow(2).sum(0)).sqrt().tolist()
+    cos, signal, noise = full
+    return {"iterations": K, "cosine_mean": cos, "cosine_stderr": se[0], "signal_sq": signal,
+            "signal_sq_stderr": se[1], "noise_sq": noise, "snr": max(signal, 0.0) ** 0.5 / noise ** 0.5,
+            "gradient_norm": float(G.norm(dim=1).mean())}
+
+
+def category_prompts(path: str, tag: str, out: Path) -> str:
+    """A copy of the prompt file holding only the prompts tagged ``tag``."""
+    rows = [line for line in Path(path).read_text().splitlines() if line.strip() and json.loads(line).get("tag") == tag]
+    if not rows:
+        raise SystemExit(f"--category: no prompt in {path} has tag {tag!r}")
+    out.write_text("\n".join(rows) + "\n")
+    return str(out)
 
 
 def ode_reward(trainer: Trainer, samples_per_prompt: int, seed: int = 10_000) -> dict[str, float]:
@@ -70,27 +123,47 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", default="", help="comma-separated line-search step sizes s (rms of the move)")
     ap.add_argument("--direction", choices=("gradient", "sign", "random"), default="gradient")
     ap.add_argument("--samples-per-prompt", type=int, default=16, help="ODE samples per prompt in the line search")
+    ap.add_argument("--samples", default="", help="comma-separated samples per update (prompts x G) to measure at")
+    ap.add_argument("--per-step", action="store_true", help="also the gradient of each trajectory step alone")
+    ap.add_argument("--category", default="", help="only the training prompts whose metadata tag is this")
     args = ap.parse_args(argv)
     if args.iterations < 3:
         ap.error("--iterations must be at least 3 (pairs of gradients, and a jackknife over them)")
 
+    samples = [int(x) for x in args.samples.split(",")] if args.samples else [None]
     with tempfile.TemporaryDirectory() as out:
-        # one optimiser step per iteration, so each recorded gradient is one iteration's whole update
-        cfg = load_config(args.config, [f"run.output_dir={out}/run", "eval.every=0", "run.progress=false",
-                                        "training.updates_per_epoch=1", "training.inner_epochs=1", *args.set])
-        trainer = Trainer(cfg)
-        G = gradients(trainer, args.iterations)
-        unit = G / G.norm(dim=1, keepdim=True)
-        C = unit @ unit.T
-        K = len(G)
-        off = ~torch.eye(K, dtype=torch.bool)
-        # the K(K-1) pairs share their K gradients, so the standard error is a jackknife over iterations
-        loo = torch.stack([C[keep][:, keep][off[keep][:, keep]].mean()
-                           for keep in (torch.arange(K) != i for i in range(K))])
-        se = float(((K - 1) / K * (loo - loo.mean()).pow(2).sum()).sqrt())
-        report = {"iterations": K, "cosine_mean": float(C[off].mean()), "cosine_stderr": se,
-                  "gradient_norm": float(G.norm(dim=1).mean())}
-        print(json.dumps(report), flush=True)
+        extra = list(args.set)
+        if args.category:
+            base_cfg = load_config(args.config, [f"run.output_dir={out}/probe", *args.set])
+            extra.append("data.train_prompts=" + category_prompts(base_cfg.data.train_prompts, args.category,
+                                                                  Path(out) / "category.jsonl"))
+            extra.append("data.balance_key=null")
+        for i, n in enumerate(samples):
+            # one optimiser step per iteration, so each recorded gradient is one iteration's whole update
+            sets = [f"run.output_dir={out}/run_{n}", "eval.every=0", "run.progress=false",
+                    "training.updates_per_epoch=1", "training.inner_epochs=1", *extra]
+            if n is not None:
+                group = load_config(args.config, sets).sampling.plan["G"]
+                if n % group:
+                    ap.error(f"--samples: {n} is not a multiple of the group size G = {group}")
+                sets.append(f"data.prompts_per_iteration={n // group}")
+            cfg = load_config(args.config, sets)
+            trainer = Trainer(cfg)
+            G = gradients(trainer, args.iterations)
+            n = cfg.data.prompts_per_iteration * cfg.sampling.plan["G"]
+            report = {"samples": n, **agreement(G)}
+            if report["signal_sq"] > 0:
+                report["samples_for_snr_1"] = n * report["noise_sq"] / report["signal_sq"]
+            print(json.dumps(report), flush=True)
+            if args.per_step:
+                steps = {tuple(trainer.schedule.sde_steps(cfg.sampling.num_steps, it)) for it in range(args.iterations)}
+                if len(steps) > 1:
+                    ap.error("--per-step needs a schedule whose SDE steps are the same every iteration")
+                for k in next(iter(steps)):
+                    print(json.dumps({"samples": n, "step": k, **agreement(gradients(trainer, args.iterations, k))}),
+                          flush=True)
+            if i + 1 < len(samples):  # the last trainer stays for the line search
+                trainer.acc.end_training()
         if args.steps:
             mean = G.mean(0)
             if args.direction == "gradient":

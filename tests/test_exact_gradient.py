@@ -110,7 +110,7 @@ def test_the_constant_factors_are_the_estimators():
 
 def test_a_partial_window_recovers_part_of_the_gradient(one_thread):
     """ODE steps carry no score: the window's estimator misses the parameters' effect through them. The late
-    window carries most of grad J on this bed, the early one little (docs/algorithms.md §9 has the table)."""
+    window carries most of grad J on this bed, the early one little (docs/algorithms.md §10 has the table)."""
     policy, targets = bed_policy(dim=DIM), bed_targets(dim=DIM)
     fractions = {}
     for start in (0, 8):

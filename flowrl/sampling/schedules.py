@@ -39,6 +39,12 @@ class Window(Schedule):
 
     ``start`` is an int (fixed window) or a (low, high) pair: a start drawn uniformly in [low, high] each
     iteration, as Flow-GRPO-Fast does. ``seed`` makes the draw reproducible and identical on every process.
+
+    The window's estimator is biased: ODE steps carry no score, so the parameters' effect through them is not in
+    the gradient. On the exact Gaussian bed (docs/algorithms.md §10; 10 steps, SD3's shift 3, Flow-GRPO's
+    kernel) a window recovers this fraction of the full gradient of its sampler's expected reward: [0, 2) 0.02,
+    [0, 6) 0.12, [4, 6) 0.08, [6, 8) 0.24, [8, 10) 0.77, [4, 10) 1.00 (all steps 1.02 ± 0.03), the direction
+    0.76-1.0 aligned with the true one.
     """
 
     size: int

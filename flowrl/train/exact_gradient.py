@@ -1,4 +1,4 @@
-"""An exact test bed for the GRPO family's policy gradient (docs/algorithms.md §9).
+"""An exact test bed for the GRPO family's policy gradient (docs/algorithms.md §10).
 
 On ``GaussianFlowPolicy`` (x0 ~ N(m_p, s0^2 I), the means and log s0 trainable) with the reward
 R(x0) = -|x0 - target_p|^2, the sampled chain ends in N(mu_S, V_S I) exactly (``terminal_moments``), so
