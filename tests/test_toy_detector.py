@@ -196,6 +196,30 @@ def test_strict_verdict_refuses_extra_copies(truth):
         build_reward("shapes", strict="yes")
 
 
+def test_verdict_bonus_adds_the_verdict(truth):
+    """soft + b * strict verdict: a correct image with nothing extra gains b, one with an extra copy gains nothing
+    (its strict verdict is 0), and without strict the bonus follows GenEval's verdict."""
+    meta = meta_of("a red circle")
+    metas = [world.metadata_of(meta)] * 20
+    once = _render_variant(meta, lambda m: None, n=20)
+    twice = _render_variant(meta, lambda m: m["objects"][0].update(count=2), n=20)
+    for mode in ("soft", "dense"):
+        plain = build_reward("shapes", mode=mode, strict=True)
+        bonus = build_reward("shapes", mode=mode, strict=True, verdict_bonus=1.5)
+        for x in (once, twice):
+            p, b = plain(x, ["p"] * 20, metas), bonus(x, ["p"] * 20, metas)
+            torch.testing.assert_close(b["shapes"], p["shapes"] + 1.5 * p["shapes/strict"])
+        assert bonus(once, ["p"] * 20, metas)["shapes"].tolist() == pytest.approx([2.5] * 20)
+        assert bonus(twice, ["p"] * 20, metas)["shapes"].tolist() == pytest.approx([0.75] * 20)
+    geneval_bonus = build_reward("shapes", mode="soft", verdict_bonus=1.0)(twice, ["p"] * 20, metas)
+    assert geneval_bonus["shapes"].tolist() == pytest.approx([2.0] * 20)   # GenEval passes the extra copy
+    for bad in (-1.0, "1", True):
+        with pytest.raises(ValueError, match="verdict_bonus"):
+            build_reward("shapes", mode="soft", verdict_bonus=bad)
+    with pytest.raises(ValueError, match="binary"):
+        build_reward("shapes", mode="binary", verdict_bonus=1.0)
+
+
 def test_strict_counts_objects_no_template_fits():
     """A smear beside the named shape is still an extra object: strict refuses it, GenEval does not."""
     meta = meta_of("a red circle")
