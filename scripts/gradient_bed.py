@@ -6,7 +6,8 @@ iterations; then, per SDE window (ODE elsewhere), the fraction of grad J the win
 cosine between the two. ODE steps carry no score, so a window sees the parameters' effect only through the
 steps it samples.
 
-    python scripts/gradient_bed.py --iterations 400
+    python scripts/gradient_bed.py --iterations 400            # SD3.5's grid (shift 3)
+    python scripts/gradient_bed.py --iterations 400 --shift 1  # the shapes world's grid
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ def fractions(G: torch.Tensor, pred: torch.Tensor) -> dict[str, tuple[float, flo
     return out
 
 
-def measure(kernel: dict, schedule: dict | None, iterations: int, dim: int, steps: int):
+def measure(kernel: dict, schedule: dict | None, iterations: int, dim: int, steps: int, shift: float):
     cfg = bed_config(kernel, schedule, num_steps=steps)
-    policy, targets = bed_policy(dim=dim), bed_targets(dim=dim)
+    policy, targets = bed_policy(dim=dim, shift=shift), bed_targets(dim=dim)
     K = schedule["size"] if schedule else steps
     pred = (predicted_factor(cfg, dim, K) * exact_gradient(policy, cfg, targets)).double()
     G = torch.stack([iteration_gradient(policy, cfg, targets, it) for it in range(iterations)]).double()
@@ -55,13 +56,14 @@ def main(argv=None) -> None:
     ap.add_argument("--iterations", type=int, default=400)
     ap.add_argument("--dim", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--shift", type=float, default=3.0, help="the grid's time shift (SD3.5: 3; the shapes world: 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
     print("| kernel, every step SDE | all parameters | data means | log s0 |")
     print("|---|---|---|---|")
     for name, kernel in KERNELS.items():
-        f = measure(kernel, None, args.iterations, args.dim, args.steps)
+        f = measure(kernel, None, args.iterations, args.dim, args.steps, args.shift)
         print(f"| {name} | {fmt(f['all'])} | {fmt(f['means'])} | {fmt(f['log_s0'])} |")
     print()
     print(f"| SDE window (steps of {args.steps}) | kernel | fraction of grad J: all | data means | log s0 | cosine |")
@@ -71,7 +73,7 @@ def main(argv=None) -> None:
             continue
         for name, kernel in KERNELS.items():
             f = measure(kernel, {"name": "window", "size": size, "start": start}, args.iterations, args.dim,
-                        args.steps)
+                        args.steps, args.shift)
             print(f"| [{start}, {start + size}) | {name} | {fmt(f['all'])} | {fmt(f['means'])} | "
                   f"{fmt(f['log_s0'])} | {f['cosine'][0]:.3f} |")
 

@@ -47,3 +47,44 @@ def test_gradients_are_recorded_and_the_weights_never_move(tmp_path):
 def test_needs_three_iterations():
     with pytest.raises(SystemExit):
         _script().main([str(ROOT / "configs" / "tiny_smoke.yaml"), "--iterations", "2"])
+
+
+def test_agreement_recovers_signal_and_noise():
+    """On synthetic estimates g = mu + noise: |E g|^2 unbiased within its standard error, tr Cov and snr close."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(50, generator=g) * 0.2
+    G = mu + 0.5 * torch.randn(400, 50, generator=g)
+    r = _script().agreement(G)
+    assert abs(r["signal_sq"] - float(mu @ mu)) < 3 * r["signal_sq_stderr"]
+    assert abs(r["noise_sq"] - 50 * 0.25) < 0.1 * 50 * 0.25
+    assert abs(r["snr"] - float(mu.norm()) / (50 * 0.25) ** 0.5) < 0.05
+    pure = _script().agreement(0.5 * torch.randn(400, 50, generator=g))
+    assert abs(pure["signal_sq"]) < 3 * pure["signal_sq_stderr"] and abs(pure["cosine_mean"]) < 0.01
+
+
+def test_samples_per_update_and_per_step(capsys):
+    script = _script()
+    script.main([str(ROOT / "configs" / "tiny_smoke.yaml"), "--iterations", "3", "--samples", "8,16", "--per-step",
+                 "--set", "sampling.schedule={name: window, size: 2, start: 1}"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    whole = [r for r in rows if "step" not in r]
+    assert [r["samples"] for r in whole] == [8, 16]
+    assert [(r["samples"], r["step"]) for r in rows if "step" in r] == [(8, 1), (8, 2), (16, 1), (16, 2)]
+    assert all(r["noise_sq"] > 0 for r in rows)
+    with pytest.raises(SystemExit):  # a drawn window has no fixed steps to split by
+        script.main([str(ROOT / "configs" / "tiny_smoke.yaml"), "--iterations", "3", "--per-step"])
+    with pytest.raises(SystemExit):
+        script.main([str(ROOT / "configs" / "tiny_smoke.yaml"), "--iterations", "3", "--samples", "12"])
+
+
+def test_category_keeps_one_tag(tmp_path):
+    script = _script()
+    path = script.category_prompts(str(ROOT / "flowrl" / "data" / "prompts" / "toy_train.jsonl"), "counting",
+                                   tmp_path / "c.jsonl")
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    assert len(rows) == 54 and {r["tag"] for r in rows} == {"counting"}
+    with pytest.raises(SystemExit, match="no prompt"):
+        script.category_prompts(str(ROOT / "flowrl" / "data" / "prompts" / "toy_train.jsonl"), "nope",
+                                tmp_path / "n.jsonl")

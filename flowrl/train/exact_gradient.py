@@ -46,7 +46,7 @@ def bed_config(kernel: dict, schedule: dict | None = None, G: int = 8, prompts: 
 
 
 def bed_policy(prompts: int = 4, dim: int = 4, s0: float = 0.5, shift: float = 3.0) -> GaussianFlowPolicy:
-    """Data means at 0 with the shapes world's time shift; the targets (``bed_targets``) are away from them."""
+    """Data means at 0 on SD3.5's time-shifted grid (shift 3); the targets (``bed_targets``) are away from them."""
     return GaussianFlowPolicy(torch.zeros(prompts, dim), s0=s0, shift=shift)
 
 
