@@ -137,7 +137,7 @@ def main(argv=None) -> None:
             base_cfg = load_config(args.config, [f"run.output_dir={out}/probe", *args.set])
             extra.append("data.train_prompts=" + category_prompts(base_cfg.data.train_prompts, args.category,
                                                                   Path(out) / "category.jsonl"))
-            extra.append("data.balance_key=null")
+            extra += ["data.balance_key=null", "data.balance_weights={}"]  # one category: nothing to balance
         for i, n in enumerate(samples):
             # one optimiser step per iteration, so each recorded gradient is one iteration's whole update
             sets = [f"run.output_dir={out}/run_{n}", "eval.every=0", "run.progress=false",
