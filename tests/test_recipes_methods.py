@@ -185,8 +185,8 @@ def _spy(trainer: Trainer) -> list[dict]:
     obj, seen = trainer.objective, []
     units_fn, loss_fn = obj.units, obj.loss
 
-    def units(forest, leaf_adv, leaf_group, it):
-        u = units_fn(forest, leaf_adv, leaf_group, it)
+    def units(forest, leaf_adv, leaf_group, it, *rest):
+        u = units_fn(forest, leaf_adv, leaf_group, it, *rest)
         seen.append({"it": it, "forest": forest, "units": u, "mbs": []})
         return u
 

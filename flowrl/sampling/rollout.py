@@ -30,25 +30,66 @@ def _predict(policy: Policy, x, timesteps, cond, prompt_idx, guidance_scale, row
                       for i in range(0, x.shape[0], max_batch)])
 
 
-def _branch_noise(keys: list[int], step: int, K: int, c: float | None, shape, device) -> tuple[Tensor, list[int]]:
-    """Standard noise for the K children of each frontier node, and the children's lineage keys.
+def child_scale(kind: str, scale: float, peak: float) -> float:
+    """The noise scale of a child of ``kind`` at a step whose schedule scale is ``scale`` (``peak``: the largest
+    scale of the iteration, used by a plan that forces a step the schedule leaves ODE to be stochastic)."""
+    if kind == "ode":
+        return 0.0
+    if kind == "sde":
+        return scale if scale > 0 else peak
+    return scale
 
-    K = 1 continues the node's own stream. K > 1: z_b = (z_0 + c n_b) / sqrt(1 + c^2), shared z_0, private n_b,
-    so every child is marginally N(0, I) (c None: independent children).
+
+def check_plan(plan: Plan, scales: Tensor, num_steps: int, iteration: int = 0) -> list[dict]:
+    """The plan's children per step, checked against the schedule: siblings only at stochastic steps (else they
+    would be identical), a scale for every stochastic child. Raises ValueError naming the step."""
+    peak = float(scales.max()) if len(scales) else 0.0
+    specs = [plan.expand(k, num_steps, iteration) for k in range(num_steps)]
+    for k, spec in enumerate(specs):
+        for children in spec.values():
+            for c in children:
+                s = child_scale(c.kind, float(scales[k]), peak)
+                if c.count > 1 and s <= 0:
+                    raise ValueError(f"{type(plan).__name__} branches at step {k}, which the schedule makes "
+                                     "deterministic: siblings would be identical")
+                if c.kind == "sde" and s <= 0:
+                    raise ValueError(f"{type(plan).__name__} makes step {k} stochastic, but the schedule gives no "
+                                     "noise scale this iteration (use a constant schedule with these plans)")
+    return specs
+
+
+def _children(spec: dict, roles: list[int], keys: list[int], step: int, scales: Tensor, peak: float,
+              c: float | None, shape, device):
+    """Every frontier node's children, in node order: (parent row, noise scale, role, lineage key) per child,
+    and the standard noise of the stochastic ones (stacked, in child order).
+
+    A node whose only child is stochastic continues its own noise stream (chains). Otherwise each stochastic
+    child b draws z_b = (z_0 + c n_b) / sqrt(1 + c^2), shared z_0 and private n_b (c None: z_b = n_b), so every
+    child is marginally N(0, I); ODE children keep the node's key.
     """
-    zs, child_keys = [], []
-    for key in keys:
-        if K == 1:
-            zs.append(randn(shape, derive_seed(key, step), device))
-            child_keys.append(key)
-            continue
-        z0 = randn(shape, derive_seed(key, step, "shared"), device) if c is not None else None
-        for b in range(K):
-            child = derive_seed(key, step, b)
-            n_b = randn(shape, child, device)
-            zs.append(n_b if c is None else (z0 + c * n_b) / math.sqrt(1 + c * c))
-            child_keys.append(child)
-    return torch.stack(zs), child_keys
+    par, scl, role, ckeys, zs = [], [], [], [], []
+    for i, (r, key) in enumerate(zip(roles, keys)):
+        kids = [(child_scale(ch.kind, float(scales[step]), peak), ch.role) for ch in spec.get(r, [])
+                for _ in range(ch.count)]
+        n_sde = sum(s > 0 for s, _ in kids)
+        z0 = (randn(shape, derive_seed(key, step, "shared"), device) if c is not None and n_sde > 1 else None)
+        b = 0
+        for s, child_role in kids:
+            par.append(i)
+            scl.append(s)
+            role.append(child_role)
+            if s <= 0:
+                ckeys.append(key)
+            elif len(kids) == 1:
+                zs.append(randn(shape, derive_seed(key, step), device))
+                ckeys.append(key)
+            else:
+                child = derive_seed(key, step, b)
+                n_b = randn(shape, child, device)
+                zs.append(n_b if z0 is None else (z0 + c * n_b) / math.sqrt(1 + c * c))
+                ckeys.append(child)
+                b += 1
+    return par, scl, role, ckeys, zs
 
 
 @torch.no_grad()
@@ -80,10 +121,11 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
     if ode_solver == "dpm2m" and grid.family != "flow":
         raise ValueError("ode_solver 'dpm2m' needs a flow model; DDIM models step deterministically with eta = 0")
     scales = schedule.noise_scales(num_steps, iteration)
-    for k in plan.split_steps(num_steps):
-        if scales[k] <= 0:
-            raise ValueError(f"{type(plan).__name__} branches at step {k}, which the schedule makes deterministic: "
-                             "siblings would be identical")
+    specs = check_plan(plan, scales, num_steps, iteration)
+    if ode_solver == "dpm2m" and not plan.homogeneous:
+        raise ValueError(f"ode_solver 'dpm2m' keeps one multistep memory per chain; {type(plan).__name__} mixes "
+                         "stochastic and ODE children in one step: use 'euler'")
+    peak = float(scales.max())
     cond = policy.encode(prompts, negative_prompt) if cond is None else cond
     shape = policy.latent_shape(height, width)
 
@@ -104,51 +146,71 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
     edges = {n: [] for n in ("src", "dst", "step", "sde", "scale", "std", "logp", "mean", "noise")}
     front = torch.arange(len(keys))           # node ids of the frontier
     front_tree = torch.arange(len(keys))
+    roles = [plan.root_role] * len(keys)
     n_nodes, n_edges, nfe, memory, rows = len(keys), 0, 0, None, None
 
     for k in range(num_steps):
         N = x.shape[0]
         pidx = tree_prompt[front_tree].to(device)
-        if rows is None and (max_batch is None or N <= max_batch):  # rebuilt only when the frontier branches
+        if rows is None and (max_batch is None or N <= max_batch):  # rebuilt only when the frontier changes
             rows = policy.rows(cond, pidx, guidance_scale)
         out = _predict(policy, x, grid.timesteps[k].expand(N), cond, pidx, guidance_scale, rows, max_batch)
         nfe += N
-        K, s = plan.branching(k), float(scales[k])
-        if s > 0:
-            kvec = torch.full((N,), k, device=device)
-            mean, std = kernel.mean_std(x, out, grid, kvec, torch.full((N,), s, device=device))
-            z, keys = _branch_noise(keys, k, K, plan.correlation, shape, device)
-            if K > 1:
-                mean, std = mean.repeat_interleave(K, 0), std.repeat_interleave(K)
-            x_next = torch.addcmul(mean, std.view(-1, *[1] * len(shape)), z)
-            logp = gaussian_log_prob(x_next, mean, std, reduction)
-            memory = None  # a multistep ODE solver restarts after a stochastic step
-            rows = rows if K == 1 else None
-        else:
-            if grid.family == "ddim":
-                x_next, _ = kernel.mean_std(x, out, grid, torch.full((N,), k, device=device),
-                                            torch.zeros(N, device=device))
-            elif ode_solver == "dpm2m":
-                x_next, memory = dpm_solver_2m_step(x, out, grid.sigmas[k], grid.sigmas[k + 1], memory)
+        par, scl, roles, keys, zs = _children(specs[k], roles, keys, k, scales, peak, plan.correlation, shape,
+                                              device)
+        par_t = torch.tensor(par, dtype=torch.long)
+        scale_t = torch.tensor(scl, dtype=torch.float32)
+        sde = scale_t > 0
+        M = len(par)
+        one_to_one = M == N and bool((par_t == torch.arange(N)).all())
+        x_next = torch.empty((M, *shape), device=device, dtype=x.dtype)
+        mean = torch.empty_like(x_next)
+        std = torch.zeros(M, device=device)
+        logp = torch.full((M,), float("nan"), device=device)
+        z = torch.zeros_like(x_next)
+        if bool(sde.any()):
+            rows_s = par_t[sde].to(device)
+            if bool(sde.all()) and one_to_one:
+                xs, outs = x, out
             else:
-                x_next = ode_euler_step(x, out, grid.sigmas[k], grid.sigmas[k + 1])
-            mean, z = x_next, torch.zeros_like(x_next)
-            std, logp = torch.zeros(N, device=device), torch.full((N,), float("nan"), device=device)
-        M = x_next.shape[0]
-        src = front.repeat_interleave(K)
+                xs, outs = x[rows_s], out[rows_s]
+            m, sd = kernel.mean_std(xs, outs, grid, torch.full((len(rows_s),), k, device=device),
+                                    scale_t[sde].to(device))
+            zs = torch.stack(zs)
+            xn = torch.addcmul(m, sd.view(-1, *[1] * len(shape)), zs)
+            idx = torch.nonzero(sde).flatten().to(device)
+            x_next[idx], mean[idx], std[idx], z[idx] = xn, m, sd, zs
+            logp[idx] = gaussian_log_prob(xn, m, sd, reduction)
+            memory = None  # a multistep ODE solver restarts after a stochastic step
+        if not bool(sde.all()):
+            rows_o = par_t[~sde].to(device)
+            xo, outo = (x, out) if (not bool(sde.any()) and one_to_one) else (x[rows_o], out[rows_o])
+            n_o = len(rows_o)
+            if grid.family == "ddim":
+                xn, _ = kernel.mean_std(xo, outo, grid, torch.full((n_o,), k, device=device),
+                                        torch.zeros(n_o, device=device))
+            elif ode_solver == "dpm2m":
+                xn, memory = dpm_solver_2m_step(xo, outo, grid.sigmas[k], grid.sigmas[k + 1], memory)
+            else:
+                xn = ode_euler_step(xo, outo, grid.sigmas[k], grid.sigmas[k + 1])
+            idx = torch.nonzero(~sde).flatten().to(device)
+            x_next[idx], mean[idx] = xn.to(x_next.dtype), xn.to(x_next.dtype)
+        if not one_to_one:
+            rows = None
+        src = front[par_t]
         dst = torch.arange(n_nodes, n_nodes + M)
         edges["src"].append(src)
         edges["dst"].append(dst)
         edges["step"].append(torch.full((M,), k))
-        edges["sde"].append(torch.full((M,), s > 0))
-        edges["scale"].append(torch.full((M,), s))
+        edges["sde"].append(sde)
+        edges["scale"].append(scale_t)
         edges["std"].append(std.cpu())
         edges["logp"].append(logp.cpu())
         if "mean" in record:
             edges["mean"].append(mean)
         if "noise" in record:
             edges["noise"].append(z)
-        front_tree = front_tree.repeat_interleave(K)
+        front_tree = front_tree[par_t]
         nodes["latents"].append(x_next)
         nodes["step"].append(torch.full((M,), k + 1))
         nodes["tree"].append(front_tree)
@@ -172,13 +234,22 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
     )
 
 
+def parent_calls(src: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The distinct parent states of ``src`` and each edge's index among them, or (src, None) when no two edges
+    share a parent (chains: the batch is left as it is)."""
+    parents, inverse = torch.unique(src, return_inverse=True)
+    return (src, None) if len(parents) == len(src) else (parents, inverse)
+
+
 def score_edges(policy: Policy, forest: Forest, edges: Tensor, kernel: Kernel | None = None,
                 guidance_scale: float | None = None, detach_uncond: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Re-evaluate stored stochastic steps under the policy's *current* weights: (logp, mean, std) per edge.
 
     Gradients flow when called with grad enabled; this is the training-time log-prob. With unchanged weights it
     reproduces ``forest.logp_old[edges]`` (importance ratio 1). ``detach_uncond``: under CFG, gradients reach
-    the conditional branch only.
+    the conditional branch only. Siblings (edges from one node) share one model call: the velocity at their
+    parent is computed once and each child's log-prob is taken from it (TreeGRPO's "several policy updates per
+    forward pass").
     """
     edges = torch.as_tensor(edges, dtype=torch.long)
     if not bool(forest.sde[edges].all()):
@@ -189,7 +260,14 @@ def score_edges(policy: Policy, forest: Forest, edges: Tensor, kernel: Kernel | 
     src, dst = forest.src[edges], forest.dst[edges]
     k = forest.edge_step[edges].to(device)
     x, x_next = forest.latents[src], forest.latents[dst]
-    out = policy.predict(x, forest.grid.timesteps[k], forest.cond, forest.node_prompt[src].to(device), guidance_scale,
-                         detach_uncond=detach_uncond)
+    parents, inverse = parent_calls(src)
+    if inverse is None:
+        out = policy.predict(x, forest.grid.timesteps[k], forest.cond, forest.node_prompt[src].to(device),
+                             guidance_scale, detach_uncond=detach_uncond)
+    else:
+        kp = forest.node_step[parents].to(device)  # a state at grid step k is the start of step k
+        out = policy.predict(forest.latents[parents], forest.grid.timesteps[kp], forest.cond,
+                             forest.node_prompt[parents].to(device), guidance_scale,
+                             detach_uncond=detach_uncond)[inverse.to(device)]
     mean, std = kernel.mean_std(x, out, forest.grid, k, forest.noise_scale[edges].to(device))
     return gaussian_log_prob(x_next, mean, std, forest.reduction), mean, std

@@ -100,8 +100,13 @@ class RewardConfig:
 class AdvantageConfig:
     estimator: str = "flow_grpo"         # flowrl.core.ADVANTAGE_ESTIMATORS: flow_grpo (per-prompt mean, std of the
                                          # whole batch) | grpo (per-group std) | dr_grpo (no std)
-    credit: str = "broadcast"            # per-sample advantages -> trained steps (flowrl.train.credit): broadcast
-                                         # (every step of a trajectory gets its advantage; flat plans)
+    credit: str | dict = "broadcast"     # per-sample advantages -> trained steps (flowrl.train.credit), a name or
+                                         # {name: ..., <params>}: broadcast (the one sample below an edge: chains,
+                                         # TempFlow's branches) | depth (BranchGRPO: {fusion: mean | path, beta})
+                                         # | backprop (TreeGRPO: {beta})
+    group: str = "prompt"                # samples compared in one advantage group: prompt | step (prompt and the
+                                         # sample's branching step) | seed_step (prompt, tree and branching step:
+                                         # TempFlow's seed grouping); step forms need one stochastic step per sample
     eps: float = 1e-4
     clip: float | None = 5.0
     per_prompt_tracker: bool = False     # Flow-GRPO's history-based per-prompt stats
@@ -122,6 +127,10 @@ class TrainingConfig:
                                          # {name: uniform, size: 4} | {name: adaptive, max_size: 4}; None: per step
     chunk_weighted: bool = False         # chunks: draw the timestep_fraction of chunks weighted by their mean
                                          # relative L1 change (GCPO's weighted sampling), not uniformly
+    prune: dict | None = None            # grpo on trees, BranchGRPO's pruning of the trained edges (rollout and
+                                         # rewards untouched): {width: {mode: parent_top | extreme, ratio: 0.5},
+                                         # depth: {depths: [..], interval: 0, stop: null}, until: 1.0}
+                                         # (flowrl.train.pruning)
     keep_extremes: int = 0               # grpo: per prompt group train only the k/2 best and k/2 worst samples by
                                          # advantage (DanceGRPO's best-of-N); 0: every sample
     cfg_detach_uncond: bool = False      # grpo under CFG: no gradient through the unconditional branch of the

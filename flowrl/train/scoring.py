@@ -60,20 +60,22 @@ class Scorer:
             return None, sorted(set(gather_object(bad)))
         return scores, None
 
-    def advantages(self, scores: dict, slots: torch.Tensor, idx: list[int]):
+    def advantages(self, scores: dict, slots: torch.Tensor, idx: list[int], groups: torch.Tensor | None = None):
         """Advantages for the local samples, computed on the all-gathered batch (identical for any sharding).
         With the per-prompt tracker, each prompt's reward history (keyed by its index in the prompt file) sets
         its baseline; every process updates its own identical copy. Returns (local advantages, gathered reward
-        components, gathered slots, gathered advantages)."""
+        components, gathered slots, gathered advantages). ``groups`` (default: the slots) are the advantage
+        groups' keys (flowrl.train.grouping)."""
         mains = self.reward.main_scores(scores)
         gathered = {k: self.acc.gather(v.to(self.acc.device)).cpu() for k, v in mains.items()}
         all_slots = self.acc.gather(slots.to(self.acc.device)).cpu()
+        all_groups = all_slots if groups is None else self.acc.gather(groups.to(self.acc.device)).cpu()
         if self.tracker is not None:
             w = self.reward.weights
             total = sum(w[n] * gathered[n].to(torch.float64) for n in sorted(gathered))
             adv = self.tracker.update([idx[s] for s in all_slots.tolist()], total).to(torch.float32)
         else:
-            adv = advantages_from_rewards(gathered, all_slots, self.reward.weights, self.cfg)
+            adv = advantages_from_rewards(gathered, all_groups, self.reward.weights, self.cfg)
         n = len(slots)
         rank = self.acc.process_index
         return adv[rank * n:(rank + 1) * n], gathered, all_slots, adv

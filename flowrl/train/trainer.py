@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 import rewards as rewards_lib
 from flowrl.sampling import rollout
-from flowrl.train import builders, checkpoint, guards
+from flowrl.train import builders, checkpoint, grouping, guards
 from flowrl.train.checkpoint import LoopState
 from flowrl.train.config import Config, ConfigError
 from flowrl.train.evaluation import GRID_IMAGES, Evaluator
@@ -30,7 +30,7 @@ from flowrl.train.objectives import OBJECTIVES
 from flowrl.train.run_folder import RunFolder, check_run_dir
 from flowrl.train.scoring import Scorer, eval_score
 from flowrl.train.setup import build_model
-from flowrl.train.units import aggregation, micro_batches
+from flowrl.train.units import aggregation, iteration_costs, micro_batches
 from flowrl.train.weights import WeightViews
 
 logger = logging.getLogger("flowrl")
@@ -184,7 +184,8 @@ class Trainer:
         row = {"iteration": it, "world_size": W}
         if scores is None:
             return self._skipped(row, "reward", bad, forest, t0, t_rollout)
-        leaf_adv, gathered, all_slots, all_adv = self.scorer.advantages(scores, slots, idx)
+        groups = grouping.advantage_groups(forest, slots, c.advantages.group)  # the prompt slots, or finer
+        leaf_adv, gathered, all_slots, all_adv = self.scorer.advantages(scores, slots, idx, groups)
         t_reward = time.perf_counter() - t0 - t_rollout
         for k, v in gathered.items():
             row[f"reward/{k}_mean"], row[f"reward/{k}_std"] = float(v.mean()), float(v.std())
@@ -200,7 +201,7 @@ class Trainer:
         if c.run.log_samples_every and (it + 1) % c.run.log_samples_every == 0 and acc.is_main_process:
             save_grid(images[:GRID_IMAGES], self.run_dir / "samples" / f"train_{it:06d}.png")
 
-        units = self.objective.units(forest, leaf_adv, slots, it)
+        units = self.objective.units(forest, leaf_adv, groups, it, self.reward.weighted_sum(scores).cpu())
         self.objective.prepare(forest, units, it)
         stats, skip = self._optimize(forest, units, it, prompt_ids)
         t_train = time.perf_counter() - t0 - t_rollout - t_reward
@@ -208,7 +209,7 @@ class Trainer:
                     "adv/abs_mean": float(all_adv.abs().mean()),
                     "adv/zero_groups": int(sum(float(all_adv[all_slots == s].abs().max()) == 0
                                                for s in all_slots.unique()))})
-        row.update(stats)
+        row.update({**stats, **iteration_costs(self.acc, forest, units, self._train_passes)})
         row.update({"time/rollout": t_rollout, "time/reward": t_reward, "time/train": t_train})
         if skip is not None:
             return self._skipped(row, *skip, forest, t0, t_rollout)
@@ -246,6 +247,7 @@ class Trainer:
         if bool((counts != counts[0]).any()):
             raise RuntimeError(f"processes hold different numbers of training units {counts.tolist()}")
         logs: dict[str, list] = {}
+        self._train_passes = 0
         # the model stays in eval mode: dropout would make the recomputed log-prob differ from the rollout's
         with self.views.use("train"):
             for epoch in range(t.inner_epochs):
@@ -265,6 +267,7 @@ class Trainer:
                         start += len(mb)
                         with sync, acc.autocast():
                             loss, s = self.objective.loss(forest, units, mb)
+                            self._train_passes += self.objective.forward_passes(forest, units, mb)
                             acc.backward((loss * w.to(loss)).sum() / denom)
                         bad_units += mb[~torch.isfinite(loss.detach().cpu())].tolist()
                         for k, v in s.items():

@@ -109,3 +109,12 @@ def aggregation(units: Units, ids: Tensor, mode: str, norm_len: int | None = Non
     weights = torch.zeros(len(sub), dtype=torch.float64)
     weights[kept] = w
     return weights, denom
+
+
+def iteration_costs(acc, forest: Forest, units: Units, train_passes: int) -> dict:
+    """An iteration's work, summed over processes (collective): rollout model evaluations (a CFG pair counts
+    once), leaves, trained units, and the training forward passes with gradient (each has its backward)."""
+    local = [forest.nfe, len(forest.leaves()), len(units), train_passes]
+    total = acc.gather(torch.tensor([local], device=acc.device)).sum(0).tolist()
+    return dict(zip(("nfe/rollout_calls", "nfe/leaves", "nfe/trained_units", "nfe/train_forward"),
+                    map(int, total)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from flowrl.sampling.rollout import check_plan
 from flowrl.train import builders
 from flowrl.train.config import Config, ConfigError
 
@@ -63,12 +64,19 @@ def validate(cfg: Config) -> None:
     if cfg.rewards.timeout is not None and cfg.rewards.timeout <= 0:
         raise ConfigError(f"rewards.timeout: must be > 0 seconds or null, got {cfg.rewards.timeout}")
     from flowrl.core import ADVANTAGE_ESTIMATORS, AGGREGATION_WEIGHTS  # noqa: PLC0415
-    from flowrl.train.credit import CREDIT  # noqa: PLC0415
+    from flowrl.train.credit import credit_spec  # noqa: PLC0415
+    from flowrl.train.grouping import GROUPINGS  # noqa: PLC0415
     from flowrl.train.objectives import OBJECTIVES  # noqa: PLC0415
     from flowrl.train.scoring import TRACKER_STD  # noqa: PLC0415
 
+    credit_spec(cfg.advantages.credit)
+    if cfg.advantages.group not in GROUPINGS:
+        raise ConfigError(f"advantages.group: {cfg.advantages.group!r} is not one of {list(GROUPINGS)}")
+    if cfg.advantages.group != "prompt" and cfg.advantages.per_prompt_tracker:
+        raise ConfigError("advantages.per_prompt_tracker: keeps one history per prompt; it cannot serve "
+                          f"advantages.group {cfg.advantages.group}")
     for key, registry in (("training.objective", OBJECTIVES), ("advantages.estimator", ADVANTAGE_ESTIMATORS),
-                          ("advantages.credit", CREDIT), ("training.aggregation", AGGREGATION_WEIGHTS)):
+                          ("training.aggregation", AGGREGATION_WEIGHTS)):
         if _get(cfg, key) not in registry:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {sorted(registry)}")
     if cfg.advantages.per_prompt_tracker:
@@ -87,9 +95,16 @@ def validate(cfg: Config) -> None:
         scales = schedule.noise_scales(cfg.sampling.num_steps, 0)
     except ValueError as e:
         raise ConfigError(f"sampling.schedule: {e}") from None
-    for k in plan.split_steps(cfg.sampling.num_steps):
-        if scales[k] <= 0:
-            raise ConfigError(f"sampling.plan: branches at step {k}, which sampling.schedule makes deterministic")
+    if plan.owns_noise and cfg.sampling.schedule.get("name") != "constant":
+        raise ConfigError(f"sampling.schedule: {cfg.sampling.plan['name']} decides which steps are stochastic; the "
+                          "schedule only gives their noise scale: use {name: constant, scale: ...}")
+    try:
+        check_plan(plan, scales, cfg.sampling.num_steps, 0)
+    except ValueError as e:
+        raise ConfigError(f"sampling.plan: {e}") from None
+    if cfg.sampling.ode_solver == "dpm2m" and not plan.homogeneous:
+        raise ConfigError(f"sampling.ode_solver: dpm2m keeps one multistep memory per chain; "
+                          f"{cfg.sampling.plan['name']} mixes stochastic and ODE children in a step: use euler")
 
     family = builders.model_family(cfg.model.path)
     if not 0 <= cfg.training.nft_eta_max < 1:

@@ -25,7 +25,10 @@ class Objective:
     def __init__(self, cfg, policy, views):
         self.cfg, self.policy, self.views = cfg, policy, views
 
-    def units(self, forest: Forest, leaf_adv: Tensor, leaf_group: Tensor, iteration: int) -> Units:
+    def units(self, forest: Forest, leaf_adv: Tensor, leaf_group: Tensor, iteration: int,
+              leaf_reward: Tensor | None = None) -> Units:
+        """``leaf_adv``, ``leaf_group`` and ``leaf_reward`` (the weighted reward, for credits that fuse rewards)
+        are per leaf, in ``forest.leaves()`` order."""
         raise NotImplementedError
 
     def prepare(self, forest: Forest, units: Units, iteration: int) -> None:
@@ -34,6 +37,10 @@ class Objective:
     def loss(self, forest: Forest, units: Units, mb: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-unit losses (len(mb),) of micro-batch ``mb`` (unit ids) and per-unit stats to log."""
         raise NotImplementedError
+
+    def forward_passes(self, forest: Forest, units: Units, mb: Tensor) -> int:
+        """Network forward passes with gradient that ``loss`` makes for micro-batch ``mb`` (one per unit)."""
+        return len(mb)
 
     def end_iteration(self, iteration: int) -> dict:
         """After an iteration's applied updates (not after a skipped one); returns entries for the log row."""

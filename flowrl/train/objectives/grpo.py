@@ -21,10 +21,11 @@ from flowrl.core.chunks import (
     step_l1_change,
     uniform_chunks,
 )
-from flowrl.sampling import Forest, score_edges
+from flowrl.sampling import Flat, Forest, parent_calls, score_edges
 from flowrl.sampling.kernels import gaussian_log_prob
 from flowrl.train.config import ConfigError
-from flowrl.train.credit import CREDIT
+from flowrl.train import builders, grouping, pruning
+from flowrl.train.credit import CREDIT, credit_spec, edge_advantages
 from flowrl.train.objectives.base import Objective
 from flowrl.train.units import Units, select_steps, tree_generator
 
@@ -40,12 +41,22 @@ class GRPO(Objective):
         t, a = cfg.training, cfg.advantages
         if not bool((scales > 0).any()):
             raise ConfigError("sampling.schedule: no stochastic step, nothing to train")
-        credit = CREDIT[a.credit]
+        name, _ = credit_spec(a.credit)
+        credit = CREDIT[name]
         if not isinstance(plan, credit.plans):
             raise ConfigError(f"sampling.plan: {cfg.sampling.plan['name']} cannot be trained by training.objective "
-                              f"grpo with advantages.credit {a.credit} (it credits "
-                              f"{' / '.join(p.__name__ for p in credit.plans)} plans: an edge shared by several "
-                              "leaves has no single trajectory advantage)")
+                              f"grpo with advantages.credit {name} (it credits "
+                              f"{' / '.join(p.__name__ for p in credit.plans)} plans"
+                              + (": an edge shared by several leaves has no single trajectory advantage)"
+                                 if name == "broadcast" else ")"))
+        problem = grouping.check(a.group, plan)
+        if problem:
+            raise ConfigError(problem)
+        if not isinstance(plan, Flat) and (t.chunks is not None or t.keep_extremes):
+            raise ConfigError(f"training.{'chunks' if t.chunks is not None else 'keep_extremes'}: works on a flat "
+                              f"plan's trajectories; {cfg.sampling.plan['name']} makes trees")
+        if t.prune is not None:
+            pruning.check(t.prune, plan.split_steps(cfg.sampling.num_steps))
         if t.policy_loss not in POLICY_LOSSES:
             raise ConfigError(f"training.policy_loss: {t.policy_loss!r} is not one of {sorted(POLICY_LOSSES)}")
         if t.kl is not None and t.kl not in KL_FORMS:
@@ -80,12 +91,13 @@ class GRPO(Objective):
         self.policy_loss = POLICY_LOSSES[t.policy_loss]
         self.record = tuple(self.policy_loss.requires)
         self.kl = KL_FORMS[t.kl or "gaussian"] if t.kl_beta > 0 else None
-        self.credit = CREDIT[cfg.advantages.credit].fn
+        plan = builders.make_plan(cfg.sampling.plan)
+        self.prune = pruning.check(t.prune, plan.split_steps(cfg.sampling.num_steps)) if t.prune else None
 
     # ------------------------------------------------------------------------------------------ units
-    def units(self, forest: Forest, leaf_adv, leaf_group, iteration):
+    def units(self, forest: Forest, leaf_adv, leaf_group, iteration, leaf_reward=None):
         c, t = self.cfg, self.cfg.training
-        edge_adv = self.credit(forest, leaf_adv)
+        edge_adv = edge_advantages(c.advantages.credit, forest, leaf_adv, leaf_reward)
         leaves = forest.leaves()
         sample_of_tree = torch.full((forest.num_trees,), -1, dtype=torch.long)
         for i, tree in reversed(list(enumerate(forest.node_tree[leaves].tolist()))):
@@ -94,18 +106,22 @@ class GRPO(Objective):
         if t.keep_extremes:
             chosen = extremes(leaf_adv, leaf_group, t.keep_extremes)
             edges = edges[chosen[sample_of_tree[forest.node_tree[forest.src[edges]]]]]
-        chunk = None
+        edges = pruning.prune(forest, edges, edge_adv, self.prune, iteration, c.run.iterations)
+        chunk, block = None, None
         if t.chunks is None:
             edges = select_steps(forest, edges, t.timestep_fraction, c.run.seed, iteration)
+            _, siblings = parent_calls(forest.src[edges])
+            block = siblings  # edges from one node stay in one micro-batch: one model call for all of them
         else:
             edges, chunk = self._chunks(forest, edges, iteration)
+            block = chunk
         tree = forest.node_tree[forest.src[edges]]
         sample = sample_of_tree[tree]
         adv = edge_adv[edges]
         keep = (adv != 0).float() if t.drop_zero_advantage else None
         return Units.make(sample=sample, prompt=forest.node_prompt[forest.src[edges]], group=leaf_group[sample],
                           tree=tree, edge=edges, step=forest.edge_step[edges], adv=adv, chunk=chunk,
-                          weight=self._step_weights(forest, edges, tree), keep=keep, block=chunk)
+                          weight=self._step_weights(forest, edges, tree), keep=keep, block=block)
 
     def _chunks(self, forest, edges, iteration):
         """Each trajectory's trained steps cut into chunks; ceil(fraction * K) of its K chunks drawn per tree
@@ -140,6 +156,10 @@ class GRPO(Objective):
         return s / mean[tree]
 
     # ------------------------------------------------------------------------------------------ loss
+    def forward_passes(self, forest, units, mb):
+        """One call per distinct parent state (siblings share it), both CFG branches re-scored."""
+        return len(torch.unique(forest.src[units.edge[mb]])) * forest.cfg_factor
+
     def loss(self, forest, units, mb):
         t = self.cfg.training
         e = units.edge[mb]

@@ -49,7 +49,7 @@ class NFT(Objective):
         if self.soft is not None:
             views.sampling_policy = self.soft
 
-    def units(self, forest, leaf_adv, leaf_group, iteration):
+    def units(self, forest, leaf_adv, leaf_group, iteration, leaf_reward=None):
         t = self.cfg.training
         self.draws = nft.nft_units(forest, t.nft_timesteps, self.cfg.run.seed, iteration)
         K, leaves = self.draws.K, forest.leaves()
@@ -76,6 +76,13 @@ class NFT(Objective):
                       if self.soft is not None or several else None)
         # the base's velocity at a unit's draw is fixed for the iteration: once for all updates, not once per update
         self.v_ref = self._every_unit(forest, True, "reference") if t.kl_beta > 0 and several else None
+
+    def forward_passes(self, forest, units, mb):
+        """One velocity per unit (two under nft_guided CFG); the KL's guided velocity adds the other branch."""
+        t = self.cfg.training
+        guided = self.cfg.sampling.guidance_scale > 1
+        per = (2 if t.nft_guided and guided else 1) + (1 if t.kl_beta > 0 and guided and not t.nft_guided else 0)
+        return len(mb) * per
 
     def loss(self, forest, units, mb):
         t, gs = self.cfg.training, self.cfg.sampling.guidance_scale
