@@ -1,4 +1,4 @@
-"""``flowrl train | sample | eval``.
+"""``flowrl train | plan | sample | eval``.
 
 Config and input errors are reported as one line (``flowrl: error: ...``) before any model is loaded.
 """
@@ -243,6 +243,13 @@ def category_stats(scores: dict, tags: list[str]) -> dict:
     return out
 
 
+def _plan(args) -> None:
+    from flowrl.train.config import load_config
+    from flowrl.train.dry_run import report
+
+    print(report(load_config(args.config, args.set), args.iterations))
+
+
 def _common(p):
     p.add_argument("--model", required=True, help="diffusers folder, hub id, toy:shapes (the shipped "
                    "shapes-world base) or tiny:<sd3|flux|sd>")
@@ -277,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "random states and metrics.jsonl continue where the checkpoint left them; only run.iterations "
                         "(to extend), checkpoint / logging / eval cadence and reward retry settings may change")
     t.set_defaults(fn=_train)
+    d = sub.add_parser("plan", help="a recipe's rollout and training cost per iteration (model calls, edges, "
+                       "leaves, trained units, training forward passes), without loading a model")
+    d.add_argument("config")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    d.add_argument("--iterations", type=int, default=3, help="iterations to show (windows may move)")
+    d.set_defaults(fn=_plan)
     s = sub.add_parser("sample", help="sample images from a pipeline (+ optional LoRA)")
     _common(s)
     s.add_argument("--sde", action="store_true", help="sample with the Flow SDE instead of the ODE")
