@@ -31,12 +31,18 @@ USER_PROVIDED_TRAIN = {
     "sd3_flowgrpo_ocr.yaml": ("data/ocr/train.txt", "flowrl/data/prompts/ocr_test.txt"),
     "sd3_grpo_guard_geneval.yaml": ("data/geneval/train_metadata.jsonl",
                                     "flowrl/data/prompts/geneval_test_metadata.jsonl"),
+    "sd3_tempflow_geneval.yaml": ("data/geneval/train_metadata.jsonl",
+                                  "flowrl/data/prompts/geneval_test_metadata.jsonl"),
 }
 
 EXPECTED_RECIPES = {"tiny_smoke.yaml", "sd3_flowgrpo_pickscore.yaml", "sd3_flowgrpo_geneval.yaml",
                     "sd3_flowgrpo_ocr.yaml", "sd3_flowgrpo_fast_pickscore.yaml", "flux_flowgrpo_pickscore.yaml",
                     "flux_gcpo_hpsv21.yaml", "sd3_gcpo_pickscore.yaml", "sd3_grpo_guard_geneval.yaml",
-                    "flux_grpo_guard_pickscore.yaml", "flux_dancegrpo_hpsv21.yaml", "sd3_dancegrpo_hpsv21.yaml"}
+                    "flux_grpo_guard_pickscore.yaml", "flux_dancegrpo_hpsv21.yaml", "sd3_dancegrpo_hpsv21.yaml",
+                    "flux_branchgrpo_hpsv21.yaml", "flux_branchgrpo_widpru_hpsv21.yaml",
+                    "flux_branchgrpo_deppru_hpsv21.yaml", "flux_branchgrpo_mix_hpsv21.yaml",
+                    "sd3_treegrpo_hpsv21.yaml", "sd3_treegrpo_hps_clip.yaml", "sd3_tempflow_pickscore.yaml",
+                    "sd3_tempflow_geneval.yaml", "toy_branchgrpo.yaml", "toy_treegrpo.yaml", "toy_tempflow.yaml"}
 EXPECTED_LAUNCH = {"single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml", "fsdp.yaml",
                    "fsdp_flux.yaml"}
 
