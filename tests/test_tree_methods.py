@@ -84,6 +84,17 @@ def test_treegrpo_counts(w, k):
         assert plan.cost(10, it).branching_nodes == (k ** w - 1) // (k - 1)
 
 
+def test_treegrpo_dry_run_counts():
+    cfg = _recipe("sd3_treegrpo_hpsv21.yaml", "data.prompts_per_iteration=2", "model.path=tiny:sd3")
+    plan = WindowTree(w=3, k=3, start="geometric", r=0.5, seed=cfg.run.seed)  # the run seed draws the windows
+    for it in range(3):
+        row = dry_run.iteration_costs(cfg, it)
+        assert row["leaves"] == 2 * 27 and row["trained units"] == 2 * (3 + 9 + 27)
+        assert row["rollout calls"] == 2 * plan.cost(10, it).nfe
+        assert row["train forward"] == 2 * 13 * 2  # one call per branching node for its 3 children, CFG pair
+    assert "13 branching node(s)" in dry_run.report(cfg, 1)
+
+
 def test_treegrpo_window_start_follows_the_truncated_geometric_law():
     plan = WindowTree(w=3, k=2, r=0.5)
     p = plan.start_probabilities(10)
@@ -152,7 +163,7 @@ def test_branchgrpo_path_probability_fusion_by_hand():
     beta = 2.0
     values = fuse_leaf_values(forest.src, forest.dst, forest.logp_old, forest.num_nodes, leaves, r, beta)
     # root: softmax over the leaves of beta * (sum of the log-probs on their paths)
-    paths = torch.tensor([sum(float(forest.logp_old[e]) for e in forest.path_edges(int(l))) for l in leaves])
+    paths = torch.tensor([sum(float(forest.logp_old[e]) for e in forest.path_edges(int(leaf))) for leaf in leaves])
     w = torch.softmax(beta * paths.double(), 0)
     assert float(values[0]) == pytest.approx(float((w * r).sum()))
     # a step-1 node: the same over its own two leaves (its shared prefix cancels)

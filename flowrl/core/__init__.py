@@ -1,4 +1,4 @@
-"""Pure tensor math shared by image and LLM GRPO training: advantages, policy losses, stat tracker."""
+"""Pure tensor math shared by image and LLM GRPO training: advantages, policy losses, stat tracker, tree credit."""
 from .advantages import (
     ADVANTAGE_ESTIMATORS,
     GroupStats,
@@ -27,6 +27,7 @@ from .losses import (
     ratio_norm_log_ratio,
 )
 from .stat_tracker import PerPromptStatTracker
+from .tree_credit import backprop_advantages, depth_advantages, fuse_leaf_values
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "GroupStats", "batch_std", "combine_rewards", "get_advantage_estimator",
@@ -36,4 +37,5 @@ __all__ = [
     "clipped_surrogate_from_log_ratio", "kl_estimator", "kl_gaussian_mean", "nft_loss", "nft_optimality",
     "ratio_norm_log_ratio",
     "PerPromptStatTracker",
+    "backprop_advantages", "depth_advantages", "fuse_leaf_values",
 ]

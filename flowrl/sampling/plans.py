@@ -10,7 +10,6 @@ rules, which the forest's counters and the papers' figures are tested against.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -56,7 +56,11 @@ def make_schedule(spec: dict, seed: int = 0, rank: int = 0):
     return _from_registry(spec, SCHEDULES, "sampling.schedule")
 
 
-def make_plan(spec: dict):
+def make_plan(spec: dict, seed: int = 0):
+    """A plan that draws per iteration (TreeGRPO's window start) is seeded by the run seed unless it names one."""
+    spec = dict(spec)
+    if spec.get("name") in PLANS and "seed" in {f.name for f in dataclasses.fields(PLANS[spec["name"]])}:
+        spec.setdefault("seed", seed)
     return _from_registry(spec, PLANS, "sampling.plan")
 
 

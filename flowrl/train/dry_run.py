@@ -33,7 +33,7 @@ def iteration_costs(cfg, iteration: int) -> dict:
     s, t = cfg.sampling, cfg.training
     P = cfg.data.prompts_per_iteration
     policy = GaussianFlowPolicy(torch.zeros(P, 1))
-    plan, kernel = builders.make_plan(s.plan), builders.make_kernel(s.kernel)
+    plan, kernel = builders.make_plan(s.plan, cfg.run.seed), builders.make_kernel(s.kernel)
     if kernel.family != "flow":  # the stand-in is a flow model; the forest's shape does not depend on the kernel
         kernel = builders.make_kernel({"name": "flow_sde"})
     schedule = builders.make_schedule(s.schedule, cfg.run.seed)
@@ -61,7 +61,7 @@ def iteration_costs(cfg, iteration: int) -> dict:
 def report(cfg, iterations: int = 3) -> str:
     s = cfg.sampling
     P = cfg.data.prompts_per_iteration
-    plan = builders.make_plan(s.plan)
+    plan = builders.make_plan(s.plan, cfg.run.seed)
     params = ", ".join(f"{k} {v}" for k, v in s.plan.items() if k != "name")
     lines = [f"plan {s.plan['name']} ({params}), {s.num_steps} steps, guidance {s.guidance_scale}, {P} prompts per "
              f"iteration, objective {cfg.training.objective}; per iteration, all prompts:",

@@ -53,7 +53,8 @@ class Trainer:
         self.eval_set = builders.load_prompts(c.data.eval_prompts, "data.eval_prompts") if c.data.eval_prompts else None
         self.prompt_weights = (builders.balance_weights(self.train_set.metadata, c.data.balance_key,
                                                         c.data.balance_weights) if c.data.balance_key else None)
-        self.kernel, self.plan = builders.make_kernel(c.sampling.kernel), builders.make_plan(c.sampling.plan)
+        self.kernel, self.plan = builders.make_kernel(c.sampling.kernel), builders.make_plan(c.sampling.plan,
+                                                                                               c.run.seed)
         self.reward = rewards_lib.MultiReward(c.rewards.components, c.rewards.kwargs)
         # without CUDA, accelerate only forms a (gloo) process group when told it runs on CPU; otherwise each
         # launched process silently trains alone
@@ -177,8 +178,7 @@ class Trainer:
         leaf_prompt = forest.node_prompt[leaves].tolist()
         slots = torch.tensor([local[p] for p in leaf_prompt])
         with torch.no_grad():
-            images = self._decode(forest.latents[leaves])
-            # groups: pairwise rewards compare the samples of one prompt, all on this process
+            images = self._decode(forest.latents[leaves])  # groups: a pairwise reward compares a prompt's samples
             scores, bad = self.scorer.score(images, [prompts[p] for p in leaf_prompt], [meta[p] for p in leaf_prompt],
                                             [prompt_ids[p] for p in leaf_prompt], groups=slots)
         row = {"iteration": it, "world_size": W}

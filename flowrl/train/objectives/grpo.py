@@ -23,8 +23,8 @@ from flowrl.core.chunks import (
 )
 from flowrl.sampling import Flat, Forest, parent_calls, score_edges
 from flowrl.sampling.kernels import gaussian_log_prob
-from flowrl.train.config import ConfigError
 from flowrl.train import builders, grouping, pruning
+from flowrl.train.config import ConfigError
 from flowrl.train.credit import CREDIT, credit_spec, edge_advantages
 from flowrl.train.objectives.base import Objective
 from flowrl.train.units import Units, select_steps, tree_generator
