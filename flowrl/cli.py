@@ -47,6 +47,9 @@ def _load_policy(args):
     from flowrl.train.config import ConfigError
 
     family = model_family(args.model)
+    if args.mix_steps is not None and (not args.lora or not 0 <= args.mix_steps <= args.steps):
+        raise ConfigError(f"--mix-steps {args.mix_steps}: needs --lora and 0 <= N <= --steps ({args.steps}): the "
+                          "first N steps sample with the LoRA, the rest with the base")
     if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
         raise ConfigError(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors")
     pipe = load_pipeline(args.model, DTYPES[args.dtype])
@@ -73,14 +76,20 @@ def _sample_images(policy, family, prompts, args, per_prompt: int, sde: bool):
     from flowrl.sampling import Constant, DDIMEta, Flat, FlowSDE, rollout
 
     kernel = DDIMEta(eta=1.0) if family == "sd" else FlowSDE(a=args.noise_level)
+    before_step = None
+    if args.mix_steps is not None:  # MixGRPO's hybrid sampling: the trained LoRA for the first steps, then the base
+        pipe = policy.pipe
+        before_step = lambda k: pipe.enable_lora() if k < args.mix_steps else pipe.disable_lora()  # noqa: E731
     images = []
     for i in range(0, len(prompts), args.batch_size):
         chunk = prompts[i:i + args.batch_size]
         forest = rollout(policy, chunk, plan=Flat(per_prompt), kernel=kernel,
                          schedule=Constant(1.0 if sde else 0.0), num_steps=args.steps,
                          guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
-                         prompt_ids=list(range(i, i + len(chunk))))
+                         prompt_ids=list(range(i, i + len(chunk))), before_step=before_step)
         images.append(policy.decode(forest.latents[forest.leaves()]))
+    if before_step is not None:
+        policy.pipe.enable_lora()
     return torch.cat(images)
 
 
@@ -125,7 +134,8 @@ def _eval(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     per_image = {"prompt": expanded, **{k: v.tolist() for k, v in scores.items()}}
-    (out / "eval.json").write_text(json.dumps({"model": args.model, "lora": args.lora, "prompts": len(prompts),
+    (out / "eval.json").write_text(json.dumps({"model": args.model, "lora": args.lora, "mix_steps": args.mix_steps,
+                                               "prompts": len(prompts),
                                                **{k: getattr(args, k) for k in PAIRED_SETTINGS.values()},
                                                "images_per_prompt": args.num, "scores": table,
                                                "categories": categories, "per_image": per_image}, indent=2))
@@ -254,6 +264,8 @@ def _common(p):
     p.add_argument("--model", required=True, help="diffusers folder, hub id, toy:shapes (the shipped "
                    "shapes-world base) or tiny:<sd3|flux|sd>")
     p.add_argument("--lora", default=None, help="a LoRA folder (e.g. RUN_DIR/lora), loaded with load_lora_weights")
+    p.add_argument("--mix-steps", type=int, default=None, metavar="N", help="hybrid sampling (MixGRPO's released "
+                   "model): the first N steps with --lora, the rest with the base weights")
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompts", default=None, help=".txt or .jsonl prompt file")
     p.add_argument("--num-prompts", type=int, default=0, help="first N prompts of the file (0: all)")

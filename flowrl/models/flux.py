@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from flowrl.models.sd3 import flow_grid
+from flowrl.models.sd3 import flow_grid, flow_tail_grid
 from flowrl.sampling.policy import Conditioning, Policy
 
 
@@ -52,13 +52,19 @@ class FluxPolicy(Policy):
         self._sizes[seq] = (h, w)
         return (seq, self.denoiser.config.in_channels)
 
-    def grid(self, num_steps, height=None, width=None):
+    def _mu(self, height, width) -> float:
         seq = self.latent_shape(height, width)[0]
         cfg = self.pipe.scheduler.config
-        mu = calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        return calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                               cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+
+    def grid(self, num_steps, height=None, width=None):
+        cfg = self.pipe.scheduler.config
         sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
-        return flow_grid(self.pipe.scheduler, num_steps, self.device, mu=mu, sigmas=sigmas)
+        return flow_grid(self.pipe.scheduler, num_steps, self.device, mu=self._mu(height, width), sigmas=sigmas)
+
+    def tail_grid(self, sigma_start, points, height=None, width=None):
+        return flow_tail_grid(self.pipe.scheduler, sigma_start, points, self.device, self._mu(height, width))
 
     def _img_ids(self, seq, device, dtype):
         if seq not in self._sizes:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
@@ -16,6 +17,31 @@ def flow_grid(scheduler, num_steps: int, device, mu: float | None = None, sigmas
     kwargs = {"mu": mu} if mu is not None else {}
     timesteps, _ = retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, **kwargs)
     return Grid(timesteps=timesteps, sigmas=sched.sigmas.to(device=device, dtype=torch.float32))
+
+
+def unshift(scheduler, sigma: float, mu: float | None = None) -> float:
+    """The unshifted time u whose shifted value is ``sigma`` under the scheduler's own time shift (the inverse
+    of set_timesteps' shifting: static, or resolution-dependent exponential / linear with ``mu``)."""
+    cfg = scheduler.config
+    for opt in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal", "invert_sigmas"):
+        if cfg.get(opt):
+            raise ValueError(f"re-discretising the grid needs a plain time shift; the scheduler sets {opt}")
+    if cfg.get("use_dynamic_shifting"):
+        if mu is None:
+            raise ValueError("the scheduler shifts by resolution: mu is needed")
+        a = math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
+        return 1.0 / (1.0 + a * (1.0 / sigma - 1.0))
+    s = float(scheduler.shift)
+    return sigma / (s - (s - 1.0) * sigma)
+
+
+def flow_tail_grid(scheduler, sigma_start: float, points: int, device, mu: float | None = None) -> Grid:
+    """``points`` grid points from ``sigma_start`` to 0, evenly spaced in unshifted time and shifted by the
+    scheduler itself (MixGRPO-Flash's re-discretised tail; its first point is sigma_start up to rounding)."""
+    if points < 2:
+        raise ValueError(f"a tail grid needs at least 2 points, got {points}")
+    u = torch.linspace(unshift(scheduler, float(sigma_start), mu), 0.0, points, dtype=torch.float64)[:-1]
+    return flow_grid(scheduler, points - 1, device, mu=mu, sigmas=u.tolist())
 
 
 class SD3Policy(Policy):
@@ -51,16 +77,21 @@ class SD3Policy(Policy):
         f = self.pipe.vae_scale_factor
         return (self.denoiser.config.in_channels, h // f, w // f)
 
-    def grid(self, num_steps, height=None, width=None):
-        mu = None
+    def _mu(self, height, width) -> float | None:
         cfg = self.pipe.scheduler.config
-        if cfg.get("use_dynamic_shifting", None):  # as the pipeline: shift from the image token count
-            _, lh, lw = self.latent_shape(height, width)
-            p = self.denoiser.config.patch_size
-            mu = calculate_shift((lh // p) * (lw // p), cfg.get("base_image_seq_len", 256),
-                                 cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                                 cfg.get("max_shift", 1.16))
-        return flow_grid(self.pipe.scheduler, num_steps, self.device, mu=mu)
+        if not cfg.get("use_dynamic_shifting", None):
+            return None
+        _, lh, lw = self.latent_shape(height, width)  # as the pipeline: shift from the image token count
+        p = self.denoiser.config.patch_size
+        return calculate_shift((lh // p) * (lw // p), cfg.get("base_image_seq_len", 256),
+                               cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                               cfg.get("max_shift", 1.16))
+
+    def grid(self, num_steps, height=None, width=None):
+        return flow_grid(self.pipe.scheduler, num_steps, self.device, mu=self._mu(height, width))
+
+    def tail_grid(self, sigma_start, points, height=None, width=None):
+        return flow_tail_grid(self.pipe.scheduler, sigma_start, points, self.device, self._mu(height, width))
 
     def forward(self, x, timesteps, cond, shared, guidance_scale):
         return self.denoiser(hidden_states=x, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],

@@ -63,6 +63,13 @@ class GaussianFlowPolicy(Policy):
         sigmas = shifted_sigmas(num_steps, self.shift)
         return Grid(timesteps=sigmas[:-1].clone(), sigmas=sigmas)
 
+    def tail_grid(self, sigma_start, points, height=None, width=None):
+        s = self.shift
+        u0 = float(sigma_start) / (s - (s - 1) * float(sigma_start))
+        u = torch.linspace(u0, 0, points, dtype=torch.float64)
+        sigmas = (s * u / (1 + (s - 1) * u)).float()
+        return Grid(timesteps=sigmas[:-1].clone(), sigmas=sigmas).to(self.device)
+
     def latent_shape(self, height=None, width=None):
         return (self.means.shape[1],)
 

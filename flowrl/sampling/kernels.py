@@ -145,27 +145,19 @@ def ode_euler_step(x: Tensor, v: Tensor, t, t_next) -> Tensor:
 
 
 def dpm_solver_2m_step(x: Tensor, v: Tensor, t, t_next, prev: tuple[Tensor, Tensor] | None = None):
-    """DPM-Solver++ 2M (data prediction) on the rectified-flow path alpha = 1 - t, sigma = t.
+    """DPM-Solver++ 2M (data prediction, midpoint) on the rectified-flow path alpha = 1 - t, sigma = t
+    (flowrl.sampling.solvers has the general multistep solver).
 
     ``prev`` = (x0_hat, lambda) of the previous step of the same chain, or None for a first-order step (the
     solver's warm start, and its last step to t = 0, where it lands on x0_hat). Returns (x_next, memory) where
     memory is the ``prev`` of the next call. Matches diffusers' DPMSolverMultistepScheduler with flow sigmas.
     """
-    x, v = x.float(), v.float()
-    t_, tn = _per_sample(t, x), _per_sample(t_next, x)
-    x0 = x - t_ * v
-    lam = torch.log((1 - t_) / t_)
-    if bool((tn <= 0).all()):  # final step: lambda = inf, the update is x0_hat itself
-        return x0, None
-    lam_n = torch.log((1 - tn) / tn)
-    h = lam_n - lam
-    d = x0
-    if prev is not None:
-        x0_prev, lam_prev = prev
-        r = (lam - lam_prev) / h
-        d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-    x_next = (tn / t_) * x - (1 - tn) * torch.expm1(-h) * d
-    return x_next, (x0, lam)
+    from flowrl.sampling.solvers import dpm_solver_pp_step, lam
+
+    x_next, x0 = dpm_solver_pp_step(x, v, t, t_next, () if prev is None else (prev,), order=2)
+    if bool((torch.as_tensor(t_next) <= 0).all()):
+        return x_next, None
+    return x_next, (x0, lam(_per_sample(t, x.float())))
 
 
 # ------------------------------------------------------------------------------------- DDIM (UNet pipelines)
@@ -228,6 +220,18 @@ class Grid:
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
+
+    def splice(self, k: int, tail: "Grid") -> "Grid":
+        """This grid up to its point k, then ``tail`` (a flow grid that starts where this one is at k: its first
+        point is replaced by this grid's own, so the chain continues exactly)."""
+        if self.family != "flow" or tail.family != "flow":
+            raise ValueError("Grid.splice joins flow grids")
+        if not 0 <= k < self.num_steps:
+            raise ValueError(f"Grid.splice: point {k} is not the start of a step of this {self.num_steps}-step grid")
+        dev = self.sigmas.device
+        return Grid(timesteps=torch.cat([self.timesteps[:k + 1], tail.timesteps[1:].to(dev, self.timesteps.dtype)]),
+                    sigmas=torch.cat([self.sigmas[:k + 1], tail.sigmas[1:].to(dev, self.sigmas.dtype)]),
+                    prediction_type=self.prediction_type)
 
     def to(self, device) -> "Grid":
         move = lambda v: v.to(device) if isinstance(v, Tensor) else v  # noqa: E731

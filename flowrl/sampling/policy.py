@@ -58,6 +58,11 @@ class Policy(ABC):
     def grid(self, num_steps: int, height: int | None = None, width: int | None = None) -> Grid:
         """The scheduler's own sampling grid for this resolution."""
 
+    def tail_grid(self, sigma_start: float, points: int, height: int | None = None, width: int | None = None) -> Grid:
+        """``points`` flow-grid points from ``sigma_start`` to 0, evenly spaced in the unshifted time and placed by
+        the model's own time shift (MixGRPO-Flash's re-discretised tail). Flow adapters implement it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-discretise its sampling grid")
+
     def sampling_grid(self, num_steps: int, height: int | None = None, width: int | None = None) -> Grid:
         """``grid`` on the policy's device, cached per (steps, resolution, device, scheduler object): building
         it goes through the scheduler's set_timesteps, which costs more than a sampler step's own math."""

@@ -7,6 +7,7 @@ iteration, prompt id, tree, branch path, step), so the forest does not depend on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ from flowrl.sampling.plans import Plan
 from flowrl.sampling.policy import Conditioning, Policy
 from flowrl.sampling.schedules import Constant, Schedule
 from flowrl.sampling.seeding import derive_seed, randn
+from flowrl.sampling.solvers import PostWindow, dpm_solver_pp_step, lam
 
 RECORDABLE = ("mean", "noise")
 ODE_SOLVERS = ("euler", "dpm2m")
@@ -98,13 +100,17 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
             seed: int = 0, iteration: int = 0, prompt_ids: list | None = None, cond: Conditioning | None = None,
             negative_prompt: str | list[str] | None = "", record: tuple[str, ...] = (),
             initial_noise: Tensor | None = None, ode_solver: str = "euler", reduction: str = "mean",
-            max_batch: int | None = None) -> Forest:
+            max_batch: int | None = None, post_window: PostWindow | None = None,
+            before_step: Callable[[int], None] | None = None) -> Forest:
     """Sample ``plan`` for every prompt with the policy's current weights and return the recorded forest.
 
     ``schedule`` (default: every step SDE) decides per step whether the kernel is stochastic; ODE stretches use
     ``ode_solver`` ("euler" = the scheduler's own step, "dpm2m" = DPM-Solver++ 2M). ``record`` may hold "mean"
     (needed by RatioNorm and mean-space KL diagnostics) and "noise" (replay). ``initial_noise``
-    (num_prompts * trees_per_prompt, *latent_shape) overrides the seeded initial states.
+    (num_prompts * trees_per_prompt, *latent_shape) overrides the seeded initial states. ``post_window``
+    (MixGRPO-Flash) re-discretises the grid after the last stochastic step and solves the rest with DPM-Solver++:
+    the forest's grid is then the spliced one, with fewer steps. ``before_step(k)`` is called before the model
+    call of step k (e.g. to switch weights: MixGRPO's hybrid sampling).
     """
     schedule = schedule or Constant()
     bad = set(record) - set(RECORDABLE)
@@ -125,6 +131,12 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
     if ode_solver == "dpm2m" and not plan.homogeneous:
         raise ValueError(f"ode_solver 'dpm2m' keeps one multistep memory per chain; {type(plan).__name__} mixes "
                          "stochastic and ODE children in one step: use 'euler'")
+    tail_from = None  # with post_window: the first step of the re-discretised tail
+    if post_window is not None:
+        grid, scales, tail_from = _post_window_grid(policy, plan, grid, scales, post_window, ode_solver, height,
+                                                    width)
+        num_steps = grid.num_steps
+        specs = check_plan(plan, scales, num_steps, iteration)
     peak = float(scales.max())
     cond = policy.encode(prompts, negative_prompt) if cond is None else cond
     shape = policy.latent_shape(height, width)
@@ -148,10 +160,13 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
     front_tree = torch.arange(len(keys))
     roles = [plan.root_role] * len(keys)
     n_nodes, n_edges, nfe, memory, rows = len(keys), 0, 0, None, None
+    history = ()  # post_window: (data prediction, lambda) of the frontier's latest states, oldest first
 
     for k in range(num_steps):
         N = x.shape[0]
         pidx = tree_prompt[front_tree].to(device)
+        if before_step is not None:
+            before_step(k)
         if rows is None and (max_batch is None or N <= max_batch):  # rebuilt only when the frontier changes
             rows = policy.rows(cond, pidx, guidance_scale)
         out = _predict(policy, x, grid.timesteps[k].expand(N), cond, pidx, guidance_scale, rows, max_batch)
@@ -189,12 +204,21 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
             if grid.family == "ddim":
                 xn, _ = kernel.mean_std(xo, outo, grid, torch.full((n_o,), k, device=device),
                                         torch.zeros(n_o, device=device))
+            elif tail_from is not None and k >= tail_from:
+                xn, _ = dpm_solver_pp_step(xo, outo, grid.sigmas[k], grid.sigmas[k + 1], history, post_window.order,
+                                           post_window.solver_type, post_window.max_order(k, num_steps))
             elif ode_solver == "dpm2m":
                 xn, memory = dpm_solver_2m_step(xo, outo, grid.sigmas[k], grid.sigmas[k + 1], memory)
             else:
                 xn = ode_euler_step(xo, outo, grid.sigmas[k], grid.sigmas[k + 1])
             idx = torch.nonzero(~sde).flatten().to(device)
             x_next[idx], mean[idx] = xn.to(x_next.dtype), xn.to(x_next.dtype)
+        if tail_from is not None:  # every step's data prediction joins the history, per child
+            restart = post_window.history == "restart" and k < tail_from and bool(sde.any())
+            m0 = x.float() - grid.sigmas[k] * out.float()
+            entry = (m0 if one_to_one else m0[par_t.to(device)], lam(grid.sigmas[k]))
+            history = () if restart else tuple(h if one_to_one else (h[0][par_t.to(device)], h[1])
+                                               for h in history[-1:]) + (entry,)
         if not one_to_one:
             rows = None
         src = front[par_t]
@@ -230,8 +254,33 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
         tree_prompt=tree_prompt, prompts=list(prompts), prompt_ids=prompt_ids, nfe=nfe,
         cfg_factor=policy.cfg_factor(cond, guidance_scale), grid=grid, kernel=kernel, cond=cond,
         guidance_scale=guidance_scale, reduction=reduction,
-        info={"iteration": iteration, "seed": seed, "noise_scales": scales, "plan": plan, "ode_solver": ode_solver},
+        info={"iteration": iteration, "seed": seed, "noise_scales": scales, "plan": plan, "ode_solver": ode_solver,
+              "post_window": post_window, "tail_from": tail_from},
     )
+
+
+def _post_window_grid(policy: Policy, plan: Plan, grid, scales: Tensor, post: PostWindow, ode_solver: str,
+                      height, width):
+    """MixGRPO-Flash's grid: the rollout's own up to t_{l+1} (l the last stochastic step), then the tail of
+    post.points(S, l) points; the tail's steps are ODE. Returns (grid, scales, first tail step), or the inputs
+    and None when the window ends at the last step (nothing to compress)."""
+    if grid.family != "flow":
+        raise ValueError("post_window re-discretises a flow grid; DDIM models keep the scheduler's")
+    if ode_solver != "euler":
+        raise ValueError("post_window solves the tail with its own DPM-Solver++ and keeps the Euler step before it: "
+                         f"ode_solver must be 'euler', got {ode_solver!r}")
+    if plan.owns_noise:
+        raise ValueError(f"post_window needs the schedule to decide the stochastic steps; {type(plan).__name__} "
+                         "decides them itself")
+    sde = torch.nonzero(scales > 0).flatten()
+    if len(sde) == 0:
+        raise ValueError("post_window: the schedule makes no step stochastic this iteration, so there is no window")
+    S, last = len(scales), int(sde[-1])
+    if last == S - 1:
+        return grid, scales, None
+    tail = policy.tail_grid(float(grid.sigmas[last + 1]), post.points(S, last), height, width)
+    spliced = grid.splice(last + 1, tail)
+    return spliced, torch.cat([scales[:last + 1], torch.zeros(spliced.num_steps - last - 1)]), last + 1
 
 
 def parent_calls(src: Tensor) -> tuple[Tensor, Tensor | None]:

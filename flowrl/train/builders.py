@@ -46,6 +46,8 @@ def make_schedule(spec: dict, seed: int = 0, rank: int = 0):
     """A window's draws are seeded by the run seed: one start per iteration for every process, or with
     ``draw: batch`` one per process's batch (flow_grpo draws per sampling batch, each GPU its own)."""
     spec = dict(spec)
+    if spec.get("name") == "sliding":
+        spec.setdefault("seed", seed)
     if spec.get("name") == "window":
         draw = spec.pop("draw", "iteration")
         if draw not in ("iteration", "batch"):
@@ -54,6 +56,29 @@ def make_schedule(spec: dict, seed: int = 0, rank: int = 0):
             seed = derive_seed(seed, "rank", rank)
         spec.setdefault("seed", seed)
     return _from_registry(spec, SCHEDULES, "sampling.schedule")
+
+
+def make_post_window(spec: dict | None):
+    """MixGRPO-Flash's tail (sampling.post_window), or None."""
+    if spec is None:
+        return None
+    from flowrl.sampling.solvers import PostWindow
+
+    fields = {f.name for f in dataclasses.fields(PostWindow)}
+    for key in spec:
+        if key not in fields:
+            raise ConfigError(f"unknown config key sampling.post_window.{key} (its parameters: {sorted(fields)})")
+    try:
+        return PostWindow(**spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sampling.post_window: {e}") from None
+
+
+def make_sampler(cfg, rank: int = 0):
+    """(kernel, plan, schedule, post_window) of a recipe, for process ``rank``."""
+    s = cfg.sampling
+    return (make_kernel(s.kernel), make_plan(s.plan, cfg.run.seed), make_schedule(s.schedule, cfg.run.seed, rank),
+            make_post_window(s.post_window))
 
 
 def make_plan(spec: dict, seed: int = 0):

@@ -72,6 +72,9 @@ class SamplingConfig:
     schedule: dict = field(default_factory=lambda: {"name": "constant"})
     plan: dict = field(default_factory=lambda: {"name": "flat", "G": 8})
     ode_solver: str = "euler"
+    post_window: dict | None = None      # MixGRPO-Flash: after the last SDE step, the rest re-discretised and solved
+                                         # by DPM-Solver++ ({ratio: 0.4, order: 2, solver_type: midpoint | heun,
+                                         # history: window | restart}; flowrl.sampling.solvers.PostWindow)
     max_batch: int | None = None         # cap on states per model call during rollout (memory)
 
 
@@ -152,6 +155,11 @@ class TrainingConfig:
     clip_eps_high: float | None = None   # None: = clip_eps_low
     kl_beta: float = 0.0                 # KL to the base weights (adapter off): closed-form Gaussian for grpo,
                                          # squared guided-velocity difference for nft
+    kl_old_beta: float = 0.0             # grpo: + beta 1/2 (log pi - log pi_old)^2, a pull toward the rollout's policy
+                                         # (MixGRPO's kl_coeff; 0 in its scripts), no extra forward pass
+    rerange: str = "random"              # order of the units before they are cut into updates: random (a seeded
+                                         # shuffle) | balance (positive and negative advantages alternate, zero ones
+                                         # last: MixGRPO's advantage_rerange_strategy balance)
     timestep_fraction: float = 1.0       # fraction of each trajectory's stochastic steps (or chunks) trained,
                                          # ceil(fraction * n) drawn per trajectory (DanceGRPO, GCPO)
     log_prob_reduction: str = "mean"

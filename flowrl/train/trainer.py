@@ -53,14 +53,12 @@ class Trainer:
         self.eval_set = builders.load_prompts(c.data.eval_prompts, "data.eval_prompts") if c.data.eval_prompts else None
         self.prompt_weights = (builders.balance_weights(self.train_set.metadata, c.data.balance_key,
                                                         c.data.balance_weights) if c.data.balance_key else None)
-        self.kernel, self.plan = builders.make_kernel(c.sampling.kernel), builders.make_plan(c.sampling.plan,
-                                                                                               c.run.seed)
         self.reward = rewards_lib.MultiReward(c.rewards.components, c.rewards.kwargs)
         # without CUDA, accelerate only forms a (gloo) process group when told it runs on CPU; otherwise each
         # launched process silently trains alone
         self.acc = acc = Accelerator(mixed_precision=c.run.mixed_precision, log_with="tensorboard",
                                      project_dir=str(self.run_dir), cpu=not torch.cuda.is_available())
-        self.schedule = builders.make_schedule(c.sampling.schedule, c.run.seed, acc.process_index)
+        self.kernel, self.plan, self.schedule, self.post_window = builders.make_sampler(c, acc.process_index)
         W = acc.num_processes
         if c.data.prompts_per_iteration % W:
             raise ConfigError(f"data.prompts_per_iteration ({c.data.prompts_per_iteration}) must divide by the "
@@ -100,7 +98,8 @@ class Trainer:
                            height=c.model.height, width=c.model.width, seed=c.run.seed, iteration=iteration,
                            prompt_ids=prompt_ids, negative_prompt=c.sampling.negative_prompt,
                            ode_solver=c.sampling.ode_solver, reduction=c.training.log_prob_reduction,
-                           max_batch=c.sampling.max_batch, record=self.objective.record)
+                           max_batch=c.sampling.max_batch, record=self.objective.record,
+                           post_window=self.post_window)
 
     def evaluate(self, it: int) -> dict:
         return self.evaluator.evaluate(it)
@@ -252,7 +251,7 @@ class Trainer:
         with self.views.use("train"):
             for epoch in range(t.inner_epochs):
                 for batches in micro_batches(units, t.updates_per_epoch, t.micro_batch_size, c.run.seed, it, epoch,
-                                             acc.process_index):
+                                             acc.process_index, t.rerange):
                     update = torch.cat(batches)
                     weights, denom = aggregation(units, update, t.aggregation, self.cfg.sampling.num_steps)
                     # global denominator: the sum over micro-batches and processes (DDP averages equal shares) is

@@ -72,18 +72,23 @@ def tree_generator(forest: Forest, tree: int, seed: int, iteration: int) -> torc
 
 
 def micro_batches(units: Units, updates: int, size: int, seed: int, iteration: int, epoch: int,
-                  rank: int) -> list[list[Tensor]]:
+                  rank: int, rerange: str = "random") -> list[list[Tensor]]:
     """The unit ids of each update's micro-batches for one inner epoch.
 
     Blocks are shuffled (a fresh order per iteration, epoch and process), cut into ``updates`` near-equal runs,
     and packed in order into micro-batches of at most ``size`` units; a block is never split, so a block longer
     than ``size`` makes a micro-batch of its own. With one unit per block this is a plain shuffle and split
-    (the shuffle's stream is the one flowrl has always used, so runs reproduce across versions).
+    (the shuffle's stream is the one flowrl has always used, so runs reproduce across versions). ``rerange``
+    "balance" orders the shuffled blocks so that positive and negative advantages alternate (the rarer sign
+    first), then the rest of the commoner sign, then zero advantages: every update sees both signs. (MixGRPO's
+    balance drops zero-advantage samples; here they stay, last.)
     """
     _, inverse, counts = torch.unique(units.block, return_inverse=True, return_counts=True)
     members = torch.split(torch.argsort(inverse, stable=True), counts.tolist())  # unit ids of each block
     g = torch.Generator().manual_seed(derive_seed(seed, iteration, epoch, rank, "shuffle"))
     order = torch.randperm(len(members), generator=g)
+    if rerange == "balance":
+        order = balanced(order, torch.stack([units.adv[m].mean() for m in members]))
     out = []
     for run in torch.tensor_split(order, updates):
         batches, current, n = [], [], 0
@@ -97,6 +102,16 @@ def micro_batches(units: Units, updates: int, size: int, seed: int, iteration: i
             batches.append(torch.cat(current))
         out.append(batches)
     return out
+
+
+def balanced(order: Tensor, adv: Tensor) -> Tensor:
+    """``order`` rearranged so that blocks with positive and negative ``adv`` alternate, the rarer sign first,
+    then the remaining blocks of the commoner sign, then those with advantage 0; each sign keeps its order."""
+    pos, neg, zero = (order[adv[order] > 0], order[adv[order] < 0], order[adv[order] == 0])
+    small, large = (pos, neg) if len(pos) < len(neg) else (neg, pos)
+    n = len(small)
+    pairs = torch.stack([small, large[:n]], 1).flatten() if n else small
+    return torch.cat([pairs, large[n:], zero])
 
 
 def aggregation(units: Units, ids: Tensor, mode: str, norm_len: int | None = None) -> tuple[Tensor, float]:
@@ -116,5 +131,13 @@ def iteration_costs(acc, forest: Forest, units: Units, train_passes: int) -> dic
     once), leaves, trained units, and the training forward passes with gradient (each has its backward)."""
     local = [forest.nfe, len(forest.leaves()), len(units), train_passes]
     total = acc.gather(torch.tensor([local], device=acc.device)).sum(0).tolist()
-    return dict(zip(("nfe/rollout_calls", "nfe/leaves", "nfe/trained_units", "nfe/train_forward"),
-                    map(int, total)))
+    out = dict(zip(("nfe/rollout_calls", "nfe/leaves", "nfe/trained_units", "nfe/train_forward"), map(int, total)))
+    return {**out, **window_stats(forest)}
+
+
+def window_stats(forest: Forest) -> dict:
+    """The iteration's stochastic window as the schedule set it (first SDE step, one past the last; -1 when
+    none) and the rollout's grid steps (fewer than sampling.num_steps under MixGRPO-Flash's tail)."""
+    sde = torch.nonzero(forest.info["noise_scales"] > 0).flatten()
+    first, end = (int(sde[0]), int(sde[-1]) + 1) if len(sde) else (-1, -1)
+    return {"window/start": first, "window/end": end, "sampling/steps": forest.grid.num_steps}

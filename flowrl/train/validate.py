@@ -16,12 +16,13 @@ CHOICES = {
     "rewards.combine": ("sum_then_normalize", "normalize_then_sum"),
     "training.log_prob_reduction": ("mean", "sum"),
     "training.lr_schedule": ("constant", "cosine", "linear"),
+    "training.rerange": ("random", "balance"),
 }
 POSITIVE = ("run.iterations", "sampling.num_steps", "data.prompts_per_iteration", "training.lr",
             "training.inner_epochs", "training.updates_per_epoch", "training.micro_batch_size",
             "training.clip_eps_low", "finetune.lora_rank", "training.max_consecutive_skips",
             "eval.num_prompts", "training.nft_beta", "training.nft_timesteps")
-NON_NEGATIVE = ("run.save_every", "run.log_samples_every", "eval.every", "training.kl_beta",
+NON_NEGATIVE = ("run.save_every", "run.log_samples_every", "eval.every", "training.kl_beta", "training.kl_old_beta",
                 "training.weight_decay", "training.max_grad_norm", "training.warmup_iterations",
                 "sampling.guidance_scale", "advantages.eps", "run.keep_checkpoints", "rewards.retries",
                 "rewards.retry_backoff", "training.nft_eta_rate")
@@ -102,6 +103,16 @@ def validate(cfg: Config) -> None:
         check_plan(plan, scales, cfg.sampling.num_steps, 0)
     except ValueError as e:
         raise ConfigError(f"sampling.plan: {e}") from None
+    post = builders.make_post_window(cfg.sampling.post_window)
+    if post is not None:
+        if cfg.sampling.ode_solver != "euler":
+            raise ConfigError("sampling.post_window: the tail has its own DPM-Solver++ and the steps before it stay "
+                              f"Euler; sampling.ode_solver must be euler, got {cfg.sampling.ode_solver!r}")
+        if plan.owns_noise:
+            raise ConfigError(f"sampling.post_window: {cfg.sampling.plan['name']} decides its stochastic steps "
+                              "itself; the tail follows a schedule's window (flat or split_at plans)")
+        if not bool((scales > 0).any()):
+            raise ConfigError("sampling.post_window: the schedule makes no step stochastic, so there is no window")
     if cfg.sampling.ode_solver == "dpm2m" and not plan.homogeneous:
         raise ConfigError(f"sampling.ode_solver: dpm2m keeps one multistep memory per chain; "
                           f"{cfg.sampling.plan['name']} mixes stochastic and ODE children in a step: use euler")
@@ -113,6 +124,8 @@ def validate(cfg: Config) -> None:
     if cfg.finetune.merged_sampling and cfg.finetune.mode != "lora":
         raise ConfigError("finetune.merged_sampling: needs finetune.mode lora (it merges the adapter)")
     OBJECTIVES[cfg.training.objective].check(cfg, kernel, scales, plan)
+    if post is not None and family == "sd":
+        raise ConfigError("sampling.post_window: re-discretises a flow model's grid; SD 1.x samples with DDIM")
     if family != "unknown" and (family == "sd") != (kernel.family == "ddim"):
         raise ConfigError(f"sampling.kernel: {cfg.sampling.kernel['name']} does not fit a {family} model "
                           f"({'ddim' if family == 'sd' else 'a flow kernel: flow_sde, flow_sde_const, cps'})")

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from flowrl.core import KL_FORMS, POLICY_LOSSES
+from flowrl.core import KL_FORMS, POLICY_LOSSES, kl_estimator
 from flowrl.core.chunks import (
     adaptive_chunks,
     chunk_weights,
@@ -184,6 +184,10 @@ class GRPO(Objective):
             kl = self.kl(logp=logp, logp_ref=logp_ref, mean=mean, mean_ref=mean_ref, std=std, h=h)
             loss = loss + t.kl_beta * kl
             stats["kl"] = kl.detach()
+        if t.kl_old_beta > 0:  # MixGRPO's "KL": to the rollout's policy, from the log-probs already at hand
+            kl_old = kl_estimator(logp, forest.logp_old[e].to(logp.device), "k2")
+            loss = loss + t.kl_old_beta * kl_old
+            stats["kl_old"] = kl_old.detach()
         return loss, stats
 
 
