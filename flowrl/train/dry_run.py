@@ -25,7 +25,8 @@ COLUMNS = ("rollout calls", "forward passes", "edges", "stochastic", "leaves", "
 def cfg_passes(cfg) -> int:
     """Forward passes per model evaluation: 2 under classifier-free guidance (FLUX's guidance is an embedding:
     2 only with true CFG)."""
-    if builders.model_family(cfg.model.path) == "flux":
+    family = builders.model_family(cfg.model.path)
+    if family == "flux" or (family == "unknown" and "flux" in cfg.model.path.lower()):  # a hub id, not cached
         return 2 if cfg.model.true_cfg_scale > 1 else 1
     return 2 if cfg.sampling.guidance_scale > 1 else 1
 
