@@ -317,7 +317,11 @@ def test_published_recipes_validate_and_print_their_window_and_tail(name):
         assert "start (iterations) over the 300 iterations: 0 (0-299)" in report
 
 
-@pytest.mark.parametrize("name", PUBLISHED[:3] + TOY)
+TAIL = {"flux_mixgrpo_multireward.yaml": 21, "flux_mixgrpo_flash_multireward.yaml": 7,
+        "flux_mixgrpo_flash_star_multireward.yaml": 3}
+
+
+@pytest.mark.parametrize("name", PUBLISHED + TOY)
 def test_each_recipe_trains_two_iterations_on_the_tiny_pipeline(name, tmp_path, monkeypatch, fresh_state,  # noqa: F811
                                                                  one_thread):
     monkeypatch.chdir(ROOT)
@@ -330,3 +334,7 @@ def test_each_recipe_trains_two_iterations_on_the_tiny_pipeline(name, tmp_path, 
     assert rows[0]["nfe/trained_units"] == plan_row["trained units"]
     assert rows[0]["ratio_min"] == pytest.approx(1.0, abs=1e-5) and rows[0]["ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert rows[0]["kl_old"] == pytest.approx(0.0, abs=1e-9)  # at ratio 1 the pull toward the rollout is 0
+    for r in rows:  # metrics.jsonl logs Flash's saving: 1 prompt x 12 samples x (4 window + tail) model calls
+        tail = TAIL.get(name.replace("sd3_", "flux_"))
+        if tail is not None:
+            assert r["nfe/rollout_calls"] == 12 * (4 + tail) and (r["window/start"], r["window/end"]) == (0, 4)
