@@ -221,3 +221,16 @@ def test_reward_modules_and_fault_settings_are_validated():
             load_config(RECIPE, [override])
     with pytest.raises(ConfigError, match="rewards.combine: the per-prompt tracker"):
         load_config(RECIPE, ["advantages.per_prompt_tracker=true", "rewards.combine=normalize_then_sum"])
+
+
+def test_a_key_added_since_the_checkpoint_resumes_only_at_its_default():
+    from flowrl.train.checkpoint import check_config
+    from flowrl.train.config import Config, ConfigError, to_dict
+
+    saved = to_dict(Config())
+    del saved["sampling"]["post_window"], saved["training"]["rerange"]  # written before these keys existed
+    current = to_dict(Config())
+    check_config(saved, current)
+    current["training"]["rerange"] = "balance"
+    with pytest.raises(ConfigError, match="training.rerange was '<absent>'"):
+        check_config(saved, current)

@@ -228,10 +228,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def check_config(saved: dict, current: dict) -> None:
     """Refuse a resume whose config changes a field that alters the experiment; name the first such field."""
     old, new = _flatten(saved), _flatten(current)
+    defaults = _flatten(to_dict(Config()))
     decays = new.get("training.lr_schedule", "constant") != "constant"
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<absent>") == new.get(key, "<absent>"):
             continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # a key added to flowrl since the checkpoint, at its default: the same experiment
         if key == "run.iterations" and decays:
             raise ConfigError(f"--resume: run.iterations was {old.get(key)!r} in the checkpoint and is "
                               f"{new.get(key)!r} now; training.lr_schedule {new['training.lr_schedule']!r} decays to "
