@@ -12,7 +12,8 @@ with the highest iteration and skips the others, saying why.
 Random state. Every draw the loop makes comes from a generator seeded by what is drawn: prompt sampling
 (seed, iteration), rollout noise (seed, iteration, prompt, sample, step), the Window schedule's start (seed,
 iteration), DanceGRPO's timestep subset and the micro-batch shuffle (seed, iteration, prompt / epoch, process).
-None of them needs saved state. What does draw from the global python / numpy / torch generators (LoRA's
+None of them needs saved state, and neither does MixGRPO's sliding window, whose path is a function of the
+iteration. What does draw from the global python / numpy / torch generators (LoRA's
 initialisation, rewards or user code that use them, dropout were a model in train mode) is covered by the
 per-process RNG files accelerate writes.
 """
