@@ -206,13 +206,12 @@ def test_bad_config_fails_fast_and_writes_nothing(tmp_path, override, needle):
     run.mkdir()
     (run / "metrics.jsonl").write_text("{}\n")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
-    t0 = time.perf_counter()
     res = _flowrl("train", str(RECIPE), "--set", f"run.output_dir={run}", *override)
-    elapsed = time.perf_counter() - t0
     assert res.returncode == 2
+    # one line and nothing else: no model was loaded (its progress bars go to stderr). A wall-clock bound would
+    # fail on a loaded machine; the one-line stderr is what says the check ran before any expensive work.
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], res.stderr
-    assert elapsed < 5, elapsed
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
 
 
