@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowrl.sampling.solvers import dpm_solver_pp_step, lam
+
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -152,8 +154,6 @@ def dpm_solver_2m_step(x: Tensor, v: Tensor, t, t_next, prev: tuple[Tensor, Tens
     solver's warm start, and its last step to t = 0, where it lands on x0_hat). Returns (x_next, memory) where
     memory is the ``prev`` of the next call. Matches diffusers' DPMSolverMultistepScheduler with flow sigmas.
     """
-    from flowrl.sampling.solvers import dpm_solver_pp_step, lam
-
     x_next, x0 = dpm_solver_pp_step(x, v, t, t_next, () if prev is None else (prev,), order=2)
     if bool((torch.as_tensor(t_next) <= 0).all()):
         return x_next, None

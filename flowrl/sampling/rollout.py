@@ -205,8 +205,9 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
                 xn, _ = kernel.mean_std(xo, outo, grid, torch.full((n_o,), k, device=device),
                                         torch.zeros(n_o, device=device))
             elif tail_from is not None and k >= tail_from:
-                xn, _ = dpm_solver_pp_step(xo, outo, grid.sigmas[k], grid.sigmas[k + 1], history, post_window.order,
-                                           post_window.solver_type, post_window.max_order(k, num_steps))
+                xn, m_tail = dpm_solver_pp_step(xo, outo, grid.sigmas[k], grid.sigmas[k + 1], history,
+                                                post_window.order, post_window.solver_type,
+                                                post_window.max_order(k, num_steps))
             elif ode_solver == "dpm2m":
                 xn, memory = dpm_solver_2m_step(xo, outo, grid.sigmas[k], grid.sigmas[k + 1], memory)
             else:
@@ -215,7 +216,7 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
             x_next[idx], mean[idx] = xn.to(x_next.dtype), xn.to(x_next.dtype)
         if tail_from is not None:  # every step's data prediction joins the history, per child
             restart = post_window.history == "restart" and k < tail_from and bool(sde.any())
-            m0 = x.float() - grid.sigmas[k] * out.float()
+            m0 = m_tail if k >= tail_from else x.float() - grid.sigmas[k] * out.float()  # the solver's own
             entry = (m0 if one_to_one else m0[par_t.to(device)], lam(grid.sigmas[k]))
             history = () if restart else tuple(h if one_to_one else (h[0][par_t.to(device)], h[1])
                                                for h in history[-1:]) + (entry,)

@@ -70,7 +70,7 @@ def dpm_solver_pp_step(x: Tensor, v: Tensor, t, t_next, history: tuple = (), ord
 @dataclass(frozen=True)
 class PostWindow:
     """MixGRPO-Flash: after the last stochastic step l of an S-step rollout, the rest of the trajectory is
-    re-discretised to max(floor((S - l) ratio), 1) points from t_{l+1} to 0, placed by the model's own time shift
+    re-discretised to max(floor((S - l) ratio), 2) points from t_{l+1} to 0, placed by the model's own time shift
     applied to evenly spaced unshifted times, and solved by multistep DPM-Solver++ of ``order``; earlier ODE
     steps stay the scheduler's Euler step. Every step up to l feeds the solver's history with its data
     prediction, as the reference does (``history: window``), or only the steps after the window do

@@ -15,6 +15,7 @@ import torch
 from flowrl.models import FAMILY_OF_PIPELINE, resolve_model_path
 from flowrl.sampling import KERNELS, PLANS, SCHEDULES
 from flowrl.sampling.seeding import derive_seed
+from flowrl.sampling.solvers import PostWindow
 from flowrl.train.config import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -25,13 +26,17 @@ def _from_registry(spec: dict, registry: dict, key: str):
     name = spec.pop("name", None)
     if name not in registry:
         raise ConfigError(f"{key}.name: {name!r} is not one of {sorted(registry)}")
-    cls = registry[name]
+    if isinstance(spec.get("start"), list):
+        spec["start"] = tuple(spec["start"])
+    return _construct(registry[name], spec, key, f" for {name}")
+
+
+def _construct(cls, spec: dict, key: str, what: str = ""):
+    """``cls(**spec)``, with an unknown parameter or a bad value reported as one ConfigError naming ``key``."""
     fields = {f.name for f in dataclasses.fields(cls)}
     for param in spec:
         if param not in fields:
-            raise ConfigError(f"unknown config key {key}.{param} for {name} (its parameters: {sorted(fields)})")
-    if isinstance(spec.get("start"), list):
-        spec["start"] = tuple(spec["start"])
+            raise ConfigError(f"unknown config key {key}.{param}{what} (its parameters: {sorted(fields)})")
     try:
         return cls(**spec)
     except (TypeError, ValueError) as e:
@@ -60,18 +65,7 @@ def make_schedule(spec: dict, seed: int = 0, rank: int = 0):
 
 def make_post_window(spec: dict | None):
     """MixGRPO-Flash's tail (sampling.post_window), or None."""
-    if spec is None:
-        return None
-    from flowrl.sampling.solvers import PostWindow
-
-    fields = {f.name for f in dataclasses.fields(PostWindow)}
-    for key in spec:
-        if key not in fields:
-            raise ConfigError(f"unknown config key sampling.post_window.{key} (its parameters: {sorted(fields)})")
-    try:
-        return PostWindow(**spec)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"sampling.post_window: {e}") from None
+    return None if spec is None else _construct(PostWindow, dict(spec), "sampling.post_window")
 
 
 def make_sampler(cfg, rank: int = 0):
