@@ -22,6 +22,7 @@ from .ocr import OcrReward
 from .pairwise import PairwiseWinRate
 from .programmatic import COLORS, Brightness, Color, JpegCompressibility, JpegIncompressibility, color_from_prompt
 from .remote import GenEvalRemote, RemoteReward
+from .text import AnswerFormat, ExactAnswer, Overlong, TextReward, soft_overlong_penalty
 from .toy import ShapesReward
 from .vlm import VLMJudge
 
@@ -31,4 +32,5 @@ __all__ = [
     "color_from_prompt", "ShapesReward",
     "ModelReward", "PickScore", "CLIPScore", "Aesthetic", "HPSv2", "HPSv21", "ImageReward",
     "GenEvalRemote", "OcrReward", "PairwiseWinRate", "RemoteReward", "VLMJudge",
+    "TextReward", "ExactAnswer", "AnswerFormat", "Overlong", "soft_overlong_penalty",
 ]

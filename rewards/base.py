@@ -5,6 +5,9 @@ A reward maps a batch of decoded images and their prompts to one or more named s
     reward(images (N,3,H,W) float in [0,1], prompts: list[str], metadata: list[dict] | None,
            groups: LongTensor (N,) | None) -> dict[str, Tensor]
 
+Rewards on language-model completions (rewards.text.TextReward, ``modality = "text"``) take a list of N
+completion strings in place of the images; everything else below is the same.
+
 ``groups`` says which samples are compared with each other (the trainer passes each sample's prompt slot).
 Pointwise rewards ignore it; a reward that ranks samples within their group (Pref-GRPO's pairwise win rate)
 sets ``uses_groups = True``, gets it as a fourth argument of ``score`` and refuses a call without it.
@@ -47,6 +50,7 @@ class Reward:
     main_key: str = "score"   # local key of the score a weight applies to
     needs_grad: bool = False  # False: __call__ runs score under torch.no_grad
     uses_groups: bool = False  # True: score(images, prompts, metadata, groups) and groups are required
+    modality: str = "image"    # what score() takes: decoded images, or completions (rewards.text.TextReward)
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor | dict[str, Tensor]:
         raise NotImplementedError
@@ -63,20 +67,22 @@ class Reward:
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None,
                  groups: Tensor | None = None) -> dict[str, Tensor]:
-        prompts, metadata = self._check_inputs(images, prompts, metadata)
-        groups = self._check_groups(groups, images.shape[0])
+        n = self._check_samples(images)
+        prompts, metadata = self._check_context(prompts, metadata, n)
+        groups = self._check_groups(groups, n)
         with torch.set_grad_enabled(self.needs_grad and torch.is_grad_enabled()):
             if self.uses_groups:
                 raw = self.score(images, prompts, metadata, groups)
             else:
                 raw = self.score(images, prompts, metadata)
-        return self._check_outputs(raw, images)
+        return self._check_outputs(raw, n, images.device if isinstance(images, Tensor) else torch.device("cpu"))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.label!r})"
 
     # -- validation ---------------------------------------------------------------------------------
-    def _check_inputs(self, images, prompts, metadata) -> tuple[list[str], list[dict]]:
+    def _check_samples(self, images) -> int:
+        """Validate what is scored (here: decoded images) and return the batch size."""
         who = f"reward {self.label!r}"
         if not isinstance(images, Tensor):
             raise ValueError(f"{who}: images must be a torch.Tensor, got {type(images).__name__}")
@@ -94,20 +100,24 @@ class Reward:
         if lo < -RANGE_TOL or hi > 1 + RANGE_TOL:
             raise ValueError(f"{who}: image values must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}] "
                              "(decode to [0, 1], not [-1, 1] or [0, 255])")
+        return n
+
+    def _check_context(self, prompts, metadata, n: int) -> tuple[list[str], list[dict]]:
+        who, what = f"reward {self.label!r}", "images" if self.modality == "image" else "completions"
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise ValueError(f"{who}: prompts must be a list of str, got {type(prompts).__name__}")
         if len(prompts) != n:
-            raise ValueError(f"{who}: got {len(prompts)} prompts for {n} images")
+            raise ValueError(f"{who}: got {len(prompts)} prompts for {n} {what}")
         bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
         if bad:
             raise ValueError(f"{who}: prompts must be str; not at indices {bad[:10]}")
         if metadata is None:
             metadata = [{} for _ in range(n)]
         elif isinstance(metadata, Mapping) or not isinstance(metadata, Sequence):
-            raise ValueError(f"{who}: metadata must be a list of dicts (one per image) or None, "
+            raise ValueError(f"{who}: metadata must be a list of dicts (one per sample) or None, "
                              f"got {type(metadata).__name__}")
         elif len(metadata) != n:
-            raise ValueError(f"{who}: got {len(metadata)} metadata entries for {n} images")
+            raise ValueError(f"{who}: got {len(metadata)} metadata entries for {n} {what}")
         elif not all(isinstance(m, Mapping) for m in metadata):
             raise ValueError(f"{who}: every metadata entry must be a dict")
         return list(prompts), list(metadata)
@@ -124,8 +134,8 @@ class Reward:
                              f"{getattr(groups, 'dtype', type(groups).__name__)} {tuple(getattr(groups, 'shape', ()))}")
         return groups.cpu()
 
-    def _check_outputs(self, raw, images: Tensor) -> dict[str, Tensor]:
-        who, n = self.label, images.shape[0]
+    def _check_outputs(self, raw, n: int, device: torch.device) -> dict[str, Tensor]:
+        who = self.label
         if isinstance(raw, Tensor):
             raw = {self.main_key: raw}
         if not isinstance(raw, Mapping):
@@ -146,9 +156,9 @@ class Reward:
             if value.shape != (n,):
                 raise RewardOutputError(f"reward {who!r}: score {full!r} has shape {tuple(value.shape)}, "
                                         f"expected ({n},)", who, full)
-            if value.device.type != "cpu" and value.device != images.device:
+            if value.device.type != "cpu" and value.device != device:
                 raise RewardOutputError(f"reward {who!r}: score {full!r} is on {value.device}, expected cpu or "
-                                        f"the images' device {images.device}", who, full)
+                                        f"the samples' device {device}", who, full)
             bad = (~torch.isfinite(value)).nonzero().flatten().tolist()
             if bad:
                 more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""

@@ -34,6 +34,15 @@ class MultiReward:
         except Exception:
             self.close()  # release whatever was already built
             raise
+        kinds = {r.modality for r in self.rewards.values()}
+        if len(kinds) > 1:
+            self.close()
+            by = {n: r.modality for n, r in self.rewards.items()}
+            raise ValueError(f"rewards {by} score different things; one run's rewards share one modality")
+
+    @property
+    def modality(self) -> str:
+        return next(iter(self.rewards.values())).modality if self.rewards else "image"
 
     @property
     def weights(self) -> dict[str, float]:

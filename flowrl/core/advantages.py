@@ -253,12 +253,45 @@ def pairwise_win_rates(prefs: Tensor, tol: float = 1e-5) -> Tensor:
     return (prefs * off).sum(-1) / (g - 1)
 
 
+def rloo_advantages(rewards: Tensor, groups: Tensor, eps: float = 0.0, clip: float | None = None,
+                    zero_var_tol: float = ZERO_VAR_TOL) -> Tensor:
+    """RLOO: ``A_i = r_i - mean_{j != i} r_j = G / (G - 1) (r_i - mean_g)``, the leave-one-out baseline that
+    makes each sample's advantage independent of its own reward (so ``A * grad log pi`` is unbiased). Groups
+    of one and zero-variance groups get 0. eps is unused (no division); clip as group_advantages."""
+    _check_inputs(rewards, groups)
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    stats, dev = _stats(rewards, groups, zero_var_tol)
+    g = stats.count[groups].to(torch.float64)
+    adv = torch.where(g > 1, dev * g / (g - 1).clamp(min=1), torch.zeros_like(dev))
+    adv = torch.where(stats.zero_variance[groups], torch.zeros_like(adv), adv)
+    return (adv if clip is None else adv.clamp(-clip, clip)).to(out_dtype)
+
+
+def reinforce_pp_baseline_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-4, clip: float | None = None,
+                                     zero_var_tol: float = ZERO_VAR_TOL) -> Tensor:
+    """REINFORCE++-baseline: the group mean subtracted, then the result whitened over the whole batch,
+    ``A = (d - mean(d)) / (std(d) + eps)`` with ``d = r - mean_g`` (population std over samples; verl whitens
+    over tokens, i.e. weights each sample by its length). Call it on the all-gathered batch: the batch
+    statistics are global. Zero-variance groups get exactly 0."""
+    _check_inputs(rewards, groups)
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    stats, dev = _stats(rewards, groups, zero_var_tol)
+    ordered = dev.sort().values  # the batch moments in a fixed order: any gather order gives the same bits
+    mu = ordered.mean() if dev.numel() else dev.new_zeros(())
+    sd = (ordered - mu).pow(2).mean().sqrt() if dev.numel() else dev.new_zeros(())
+    adv = (dev - mu) / (sd + eps)
+    adv = torch.where(stats.zero_variance[groups], torch.zeros_like(adv), adv)
+    return (adv if clip is None else adv.clamp(-clip, clip)).to(out_dtype)
+
+
 # A recipe names its estimator (advantages.estimator). One signature: (rewards (N,), groups (N,) long, *, eps,
 # clip, [global_std]) -> advantages (N,); each entry fixes how a group's spread is normalised.
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "grpo": partial(group_advantages, std="group"),
     "flow_grpo": partial(group_advantages, std="global"),
     "dr_grpo": partial(group_advantages, std="none", clip=None),
+    "rloo": rloo_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
 }
 
 

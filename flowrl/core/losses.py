@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .chunks import chunk_mean
+from .ratio_losses import cispo_surrogate, gmpo_surrogate
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -247,15 +248,17 @@ def nft_loss(v: Tensor, v_old: Tensor, x0: Tensor, noise: Tensor, t: Tensor, r: 
 
 def clip_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, *, eps_low: float, eps_high: float | None = None,
               chunk_ids: Tensor | None = None, mask: Tensor | None = None, mean: Tensor | None = None,
-              mean_old: Tensor | None = None, std: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              mean_old: Tensor | None = None, std: Tensor | None = None,
+              seq_ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clip on ``rho = exp(logp - logp_old)`` (Flow-GRPO, DanceGRPO, GRPO), or on the chunk ratio when
-    ``chunk_ids`` is given (GCPO; GSPO with one chunk per sequence). mean / mean_old / std are unused."""
+    ``chunk_ids`` is given (GCPO). mean / mean_old / std / seq_ids are unused."""
     return clipped_surrogate(logp, logp_old, adv, eps_low, eps_high, chunk_ids=chunk_ids, mask=mask)
 
 
 def ratio_norm_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, *, eps_low: float, eps_high: float | None = None,
                     chunk_ids: Tensor | None = None, mask: Tensor | None = None, mean: Tensor | None = None,
-                    mean_old: Tensor | None = None, std: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                    mean_old: Tensor | None = None, std: Tensor | None = None,
+                    seq_ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO-Guard: PPO clip on the RatioNorm log-ratio (``ratio_norm_log_ratio``: the Gaussian kernel's negative
     mean shift added back, scaled by the step std s_k so every step's ratio has the same spread). Needs the
     kernel means of the update and of the rollout and the step std. With ``chunk_ids`` the normalised log-ratios
@@ -268,12 +271,52 @@ def ratio_norm_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, *, eps_low: flo
     return clipped_surrogate_from_log_ratio(log_ratio, adv, eps_low, eps_high, mask)
 
 
-ratio_norm_loss.requires = ("mean",)  # what the rollout must record for this loss
-clip_loss.requires = ()
+def _need_seq_ids(name: str, seq_ids: Tensor | None) -> Tensor:
+    if seq_ids is None:
+        raise ValueError(f"{name} is a sequence-level loss: pass seq_ids (the sequence of every unit)")
+    return seq_ids
+
+
+def gspo_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, *, eps_low: float, eps_high: float | None = None,
+              chunk_ids: Tensor | None = None, mask: Tensor | None = None, mean: Tensor | None = None,
+              mean_old: Tensor | None = None, std: Tensor | None = None,
+              seq_ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO: PPO clip on the sequence ratio ``s_i = exp(mean_t log w_t)``, one ratio and one clip decision per
+    sequence (the paper's eps 3e-4 / 4e-4). Every unit of a sequence gets its loss (ratio_losses.py says how
+    aggregation weights it)."""
+    return clipped_surrogate(logp, logp_old, adv, eps_low, eps_high, chunk_ids=_need_seq_ids("gspo", seq_ids),
+                             mask=mask)
+
+
+def gmpo_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, *, eps_low: float, eps_high: float | None = None,
+              chunk_ids: Tensor | None = None, mask: Tensor | None = None, mean: Tensor | None = None,
+              mean_old: Tensor | None = None, std: Tensor | None = None,
+              seq_ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """GMPO: the geometric mean of sign-aware log-space-clipped token ratios per sequence (ratio_losses)."""
+    return gmpo_surrogate(logp, logp_old, adv, _need_seq_ids("gmpo", seq_ids), eps_low, eps_high, mask)
+
+
+def cispo_loss(logp: Tensor, logp_old: Tensor, adv: Tensor, *, eps_low: float, eps_high: float | None = None,
+               chunk_ids: Tensor | None = None, mask: Tensor | None = None, mean: Tensor | None = None,
+               mean_old: Tensor | None = None, std: Tensor | None = None,
+               seq_ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO: REINFORCE with the importance weight capped at 1 + eps_high (ratio_losses)."""
+    return cispo_surrogate(logp, logp_old, adv, eps_low, eps_low if eps_high is None else eps_high, mask)
+
+
+# what the rollout must record for a loss, and whether it needs whole sequences per micro-batch (seq_ids)
+ratio_norm_loss.requires, ratio_norm_loss.sequence_level = ("mean",), False
+clip_loss.requires, clip_loss.sequence_level = (), False
+cispo_loss.requires, cispo_loss.sequence_level = (), False
+gspo_loss.requires, gspo_loss.sequence_level = (), True
+gmpo_loss.requires, gmpo_loss.sequence_level = (), True
 
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
     "clip": clip_loss,
     "ratio_norm": ratio_norm_loss,
+    "gspo": gspo_loss,
+    "gmpo": gmpo_loss,
+    "cispo": cispo_loss,
 }
 
 

@@ -59,6 +59,10 @@ class GRPO(Objective):
             pruning.check(t.prune, plan.split_steps(cfg.sampling.num_steps))
         if t.policy_loss not in POLICY_LOSSES:
             raise ConfigError(f"training.policy_loss: {t.policy_loss!r} is not one of {sorted(POLICY_LOSSES)}")
+        if POLICY_LOSSES[t.policy_loss].sequence_level:  # micro-batches cut trajectories apart
+            raise ConfigError(f"training.policy_loss: {t.policy_loss} needs whole sequences per micro-batch, which "
+                              "image steps are not; for one ratio per trajectory (GSPO's) use training.chunks: "
+                              "{name: uniform, size: <sampling.num_steps>} with policy_loss clip")
         if t.kl is not None and t.kl not in KL_FORMS:
             raise ConfigError(f"training.kl: {t.kl!r} is not one of {sorted(KL_FORMS)}")
         if t.step_weights not in STEP_WEIGHTS:
