@@ -12,15 +12,21 @@ from pathlib import Path
 
 
 def _train(args) -> None:
+    from flowrl.llm.config import build_llm_config, read_recipe
     from flowrl.train.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    data = read_recipe(args.config, args.set)
+    llm = data.get("trainer", "image") == "llm"  # the language-model trainer (flowrl.llm); else the image one
+    cfg = build_llm_config(data) if llm else load_config(args.config, args.set)
     resume = None
     if args.resume:
         from flowrl.train.checkpoint import prepare_resume
 
         resume = prepare_resume(cfg, args.resume)
-    from flowrl.train.trainer import Trainer  # heavy imports only after the config is known to be good
+    if llm:
+        from flowrl.llm.trainer import LMTrainer as Trainer
+    else:
+        from flowrl.train.trainer import Trainer  # heavy imports only after the config is known to be good
 
     trainer = Trainer(cfg, resume=resume)
     stopped = trainer.train()

@@ -226,10 +226,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_config(saved: dict, current: dict) -> None:
-    """Refuse a resume whose config changes a field that alters the experiment; name the first such field."""
+def check_config(saved: dict, current: dict, defaults_of=Config) -> None:
+    """Refuse a resume whose config changes a field that alters the experiment; name the first such field.
+    ``defaults_of``: the config class whose defaults a key added since the checkpoint may take."""
     old, new = _flatten(saved), _flatten(current)
-    defaults = _flatten(to_dict(Config()))
+    defaults = _flatten(to_dict(defaults_of()))
     decays = new.get("training.lr_schedule", "constant") != "constant"
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<absent>") == new.get(key, "<absent>"):
@@ -265,7 +266,7 @@ def prepare_resume(cfg: Config, spec: str) -> Resume:
     path, notes = resolve(spec, cfg.run.output_dir)
     info = read_info(path)
     cfg.run.output_dir = str(path.parent.parent)  # the run continues in its own folder
-    check_config(info["config"], to_dict(cfg))
+    check_config(info["config"], to_dict(cfg), type(cfg))
     if info["data"] != data_digests(cfg):
         raise ConfigError("--resume: the content of data.train_prompts changed since the checkpoint")
     if info["iteration"] >= cfg.run.iterations:

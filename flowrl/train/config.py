@@ -314,6 +314,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     data = apply_overrides(data, overrides or [])
+    kind = data.pop("trainer", "image")
+    if kind != "image":
+        raise ConfigError(f"trainer: {kind!r} recipes are read by flowrl.llm.config.load_llm_config (flowrl train "
+                          "picks the loader by this key); this loader reads image recipes")
     cfg = build_dataclass(Config, data)
     from flowrl.train.validate import validate  # noqa: PLC0415 (validation needs the registries)
 

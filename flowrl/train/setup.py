@@ -46,14 +46,19 @@ def build_model(cfg, acc, family: str) -> Model:
     if f.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     params = finetune.trainable_parameters(denoiser)
+    optimizer, scheduler = optimizer_and_schedule(params, t, cfg.run.iterations)
+    model, optimizer = acc.prepare(denoiser, optimizer)
+    ema = EMAModel(params, decay=f.ema_decay) if f.ema_decay > 0 else None
+    return Model(pipe, family, policy, model, params, optimizer, scheduler, ema, reference, lora_config)
+
+
+def optimizer_and_schedule(params: list, t, iterations: int):
+    """AdamW over ``params`` and its learning-rate schedule from a training section (both trainers')."""
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     # the scheduler counts optimizer steps; the config counts iterations
     steps = t.inner_epochs * t.updates_per_epoch
     scheduler = get_scheduler("constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
-                              num_warmup_steps=t.warmup_iterations * steps,
-                              num_training_steps=cfg.run.iterations * steps)
+                              num_warmup_steps=t.warmup_iterations * steps, num_training_steps=iterations * steps)
     # the scheduler stays unprepared: accelerate would step it once per process, changing warmup with W
-    model, optimizer = acc.prepare(denoiser, optimizer)
-    ema = EMAModel(params, decay=f.ema_decay) if f.ema_decay > 0 else None
-    return Model(pipe, family, policy, model, params, optimizer, scheduler, ema, reference, lora_config)
+    return optimizer, scheduler

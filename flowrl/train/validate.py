@@ -130,6 +130,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sampling.kernel: {cfg.sampling.kernel['name']} does not fit a {family} model "
                           f"({'ddim' if family == 'sd' else 'a flow kernel: flow_sde, flow_sde_const, cps'})")
 
+    check_data_and_rewards(cfg)
+
+
+def check_data_and_rewards(cfg) -> dict[str, float]:
+    """The data and rewards sections, which both trainers share: prompt files, balance keys, reward names and
+    their kwargs. Returns the reward weights."""
     train_set = builders.load_prompts(cfg.data.train_prompts, "data.train_prompts")
     if cfg.data.balance_weights and not cfg.data.balance_key:
         raise ConfigError("data.balance_weights: needs data.balance_key (the field whose values the weights name)")
@@ -150,3 +156,4 @@ def validate(cfg: Config) -> None:
     for name in cfg.rewards.kwargs:
         if name not in weights:
             raise ConfigError(f"rewards.kwargs.{name}: not one of the components {sorted(weights)}")
+    return weights

@@ -1,0 +1,316 @@
+"""The language-model training loop on accelerate, the image loop's shape with text units.
+
+prompts (whole groups per process) -> rollout (transformers generate) -> every process's samples gathered, so the
+batch is global -> rewards on the completions (components kept apart) -> DAPO's group filter and refills ->
+advantages on the global batch -> each process takes an equal share of whole groups -> old / reference log-probs
+where the recipe needs them -> inner epochs x updates of micro-batches (flowrl.llm.update) -> logging, eval,
+checkpoints.
+
+Why a second loop and not the image loop with a text branch: the image loop's stages (the rollout forest, decoding,
+per-step units with trees, edges, windows and chunks) have no text counterpart, and the text stages (token masks,
+generation, the global regrouping dynamic sampling needs) none on the image side. What carries a method is shared:
+the registered estimators, policy losses, KL forms and aggregations (flowrl.core), rewards and their guards, the
+scorer, prompt sampling, the run folder, checkpoints and exact resume, the stop signal and the skip rules.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+import rewards as rewards_lib
+from flowrl.core import group_stats
+from flowrl.llm import evaluation
+from flowrl.llm import rollout as lm_rollout
+from flowrl.llm.model import build_lm, check_prompt_lengths, format_prompts
+from flowrl.llm.run_folder import LMRunFolder
+from flowrl.llm.update import backward_update
+from flowrl.sampling.seeding import derive_seed
+from flowrl.train import builders, checkpoint, guards
+from flowrl.train.checkpoint import LoopState
+from flowrl.train.config import ConfigError
+from flowrl.train.run_folder import check_run_dir
+from flowrl.train.scoring import Scorer, eval_score
+from flowrl.train.validate import import_reward_modules
+
+logger = logging.getLogger("flowrl")
+
+
+class LMTrainer:
+    """``LMTrainer(cfg).train()`` runs an ``trainer: llm`` recipe; ``resume`` as the image Trainer's."""
+
+    def __init__(self, cfg, resume: str | checkpoint.Resume | None = None):
+        self.cfg = c = cfg
+        if isinstance(resume, str):
+            resume = checkpoint.prepare_resume(cfg, resume)
+        saved = resume.info if resume else None
+        self.run_dir = Path(c.run.output_dir)
+        if resume is None:
+            check_run_dir(self.run_dir)
+        self.train_set = builders.load_prompts(c.data.train_prompts)
+        self.eval_set = builders.load_prompts(c.data.eval_prompts, "data.eval_prompts") if c.data.eval_prompts else None
+        self.prompt_weights = (builders.balance_weights(self.train_set.metadata, c.data.balance_key,
+                                                        c.data.balance_weights) if c.data.balance_key else None)
+        import_reward_modules(c.rewards.modules)
+        self.reward = rewards_lib.MultiReward(c.rewards.components, c.rewards.kwargs)
+        self.metric = c.eval.metric or self.reward.names[0]
+        if self.metric not in self.reward.names:
+            raise ConfigError(f"eval.metric: {self.metric!r} is not one of the reward components {self.reward.names}")
+        self.acc = acc = Accelerator(mixed_precision=c.run.mixed_precision, log_with="tensorboard",
+                                     project_dir=str(self.run_dir), cpu=not torch.cuda.is_available())
+        W = acc.num_processes
+        if c.data.prompts_per_iteration % W:
+            raise ConfigError(f"data.prompts_per_iteration ({c.data.prompts_per_iteration}) must divide by the "
+                              f"number of processes ({W}): every process takes whole prompt groups")
+        if saved is not None and saved["world_size"] != W:
+            raise ConfigError(f"--resume: {resume.path} was written by {saved['world_size']} process(es), this run "
+                              f"has {W}")
+        self.folder = LMRunFolder(c, acc, self.run_dir)
+        self.folder.start(resume.notes if resume else [])
+        acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": saved["iteration"]}} if saved else None)
+        self.state, self.rows, self.stopped = LoopState(), [], None
+        self.m = m = build_lm(c, acc)
+        self.tok = m.tokenizer
+        for key, prompts in (("data.train_prompts", self.train_set), ("data.eval_prompts", self.eval_set)):
+            if prompts is not None:  # every prompt fits, before anything is generated
+                check_prompt_lengths(self.tok, format_prompts(self.tok, prompts.prompts, c.model.chat_template),
+                                     c.model.max_prompt_tokens, key)
+        self.scorer = Scorer(c, acc, self.reward, self._warn)
+        self.folder.hold(m, [m.lr_scheduler, self.state, self.scorer.tracker])
+        if resume is not None:
+            self.rows = self.folder.load_checkpoint(resume.path, saved, self.state, None, self._any_process)
+
+    # ------------------------------------------------------------------------------------------ pieces
+    def _any_process(self, flag: bool) -> bool:
+        return bool(self.acc.gather(torch.tensor([int(flag)], device=self.acc.device)).max())
+
+    def _warn(self, message: str):
+        who = f"[process {self.acc.process_index}] " if self.acc.num_processes > 1 else ""
+        logger.warning(f"flowrl: {who}{message}")
+
+    def _policy(self):
+        return self.acc.unwrap_model(self.m.model)
+
+    def _reference(self):
+        """A context under which the trained module computes the reference policy's log-probs."""
+        if self.m.reference is not None:
+            ref = self.m.reference
+            return contextlib.nullcontext(ref)
+        return self._policy().disable_adapter()
+
+    def evaluate(self, it: int) -> dict:
+        if self.eval_set is None or not self.acc.is_main_process:
+            return {}
+        c, n = self.cfg, self.cfg.eval.num_prompts or len(self.eval_set)
+        return evaluation.evaluate(self._policy(), self.tok, self.eval_set.prompts[:n], self.eval_set.metadata[:n],
+                                   self.reward, self.metric, max_new=c.model.max_completion_tokens,
+                                   chat_template=c.model.chat_template, device=self.acc.device,
+                                   pass_k=c.eval.pass_k, temperature=c.generation.temperature, seed=c.eval.seed)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> str | None:
+        c, acc = self.cfg, self.acc
+        start = self.state.iteration
+        bar = tqdm(range(start, c.run.iterations), initial=start, total=c.run.iterations, desc="flowrl train",
+                   disable=not (c.run.progress and acc.is_main_process))
+        if start == 0 and c.eval.every and self.eval_set is not None:  # the base, for the before / after table
+            before = self.evaluate(-1)
+            if acc.is_main_process:
+                (self.run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
+        stop = guards.StopSignal().install()
+        try:
+            for it in bar:
+                row = self.iteration(it)
+                last = it + 1 == c.run.iterations
+                if c.eval.every and self.eval_set is not None and ((it + 1) % c.eval.every == 0 or last):
+                    row.update(self.evaluate(it))
+                    acc.wait_for_everyone()
+                self.rows.append(row)
+                self.folder.append(row)
+                bar.set_postfix(reward=f"{row.get('reward/mean', float('nan')):.3f}")
+                acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=it)
+                self.state.iteration = it + 1
+                stopping = self._any_process(stop.received is not None) and not last
+                failing = self.state.consecutive_skips >= c.training.max_consecutive_skips
+                if stopping or failing or last or (c.run.save_every and (it + 1) % c.run.save_every == 0):
+                    saved = self.folder.save_checkpoint(self.state, it + 1, eval_score(row, {self.metric: 1.0}))
+                if failing:
+                    raise guards.TrainingError(f"{self.state.consecutive_skips} iterations in a row skipped for "
+                                               f"non-finite values (the last: {row['skipped']}); the weights of the "
+                                               f"last good update are in {saved}")
+                if stopping:
+                    self.stopped = (stop.received or "a stop signal to another process", saved)
+                    acc.wait_for_everyone()
+                    self.folder.reward_curve(self.rows)
+                    acc.end_training()
+                    return self.stopped[0]
+        finally:
+            stop.uninstall()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.folder.reward_curve(self.rows)
+            self.folder.save_weights()
+        acc.wait_for_everyone()
+        acc.end_training()
+        return None
+
+    def _draw(self, it: int, draw: int) -> tuple[list[int], lm_rollout.TextBatch, dict | None, list]:
+        """One rollout round: the draw's prompts, completions scored where they were sampled, then every process's
+        samples and scores gathered (the global batch, in prompt-slot order on every process). Collective."""
+        c, acc = self.cfg, self.acc
+        W, rank, P = acc.num_processes, acc.process_index, c.data.prompts_per_iteration
+        seed = c.run.seed if draw == 0 else derive_seed(c.run.seed, "draw", draw)
+        idx = builders.prompt_indices(seed, it, len(self.train_set), P, self.prompt_weights)
+        local = list(range(rank * P // W, (rank + 1) * P // W))
+        texts = format_prompts(self.tok, [self.train_set.prompts[idx[s]] for s in local], c.model.chat_template)
+        batch = lm_rollout.rollout(self._policy(), self.tok, texts, c.generation.G, c.generation,
+                                   c.model.max_completion_tokens, seed=c.run.seed, iteration=it, rank=rank, draw=draw,
+                                   device=acc.device, offset=local[0])
+        pid = [idx[int(s)] for s in batch.prompt]  # each sample's index in the prompt file
+        completions = self.tok.batch_decode(batch.completion_ids, skip_special_tokens=True)
+        meta = evaluation.with_lengths([self.train_set.metadata[i] for i in pid], batch.lengths.tolist(),
+                                       batch.truncated.tolist())
+        with torch.no_grad():
+            scores, bad = self.scorer.score(completions, [self.train_set.prompts[i] for i in pid], meta, pid,
+                                            groups=batch.prompt)
+        batch = lm_rollout.concat(gather_object([batch]), self.tok.pad_token_id)  # small: token ids and masks
+        pid = sum(gather_object([pid]), [])
+        if scores is not None:
+            scores = {k: acc.gather(v.to(acc.device)).cpu() for k, v in scores.items()}
+        return pid, batch, scores, bad
+
+    def iteration(self, it: int) -> dict:
+        c, acc, t = self.cfg, self.acc, self.cfg.training
+        W, rank, P, G = acc.num_processes, acc.process_index, c.data.prompts_per_iteration, c.generation.G
+        t0 = time.perf_counter()
+        row = {"iteration": it, "world_size": W}
+        kept_batches, kept_scores, kept_pid, drawn = [], [], [], 0
+        for draw in range(c.data.max_draws if c.data.dynamic_sampling else 1):
+            pid, batch, scores, bad = self._draw(it, draw)
+            drawn += len(batch) // G
+            if scores is None:
+                return self._skipped(row, "reward", bad, t0)
+            slots = batch.prompt
+            keep = torch.ones(len(batch), dtype=torch.bool)
+            if c.data.dynamic_sampling:  # DAPO: a group whose rewards all agree carries no signal
+                total = self.reward.weighted_sum(scores).double()
+                keep = ~group_stats(total, slots).zero_variance[slots]
+            idx = torch.nonzero(keep).flatten()
+            kept_batches.append(batch.take(idx))
+            kept_scores.append({k: v[idx] for k, v in scores.items()})
+            kept_pid += [pid[i] for i in idx.tolist()]
+            if sum(len(b) for b in kept_batches) >= P * G:
+                break
+        batch = lm_rollout.concat(kept_batches, self.tok.pad_token_id)
+        scores = {k: torch.cat([s[k] for s in kept_scores]) for k in kept_scores[0]}
+        groups = (len(batch) // G) // W * W  # whole groups, an equal share per process
+        groups = min(groups, P)
+        row.update({"groups/drawn": drawn, "groups/kept": len(batch) // G, "groups/trained": groups})
+        for k, v in scores.items():
+            row[f"reward/{k}_mean"] = float(v.mean())
+        row["reward/mean"] = float(self.reward.weighted_sum(scores).mean())
+        row["completion/length_mean"] = float(batch.lengths.float().mean())
+        row["completion/truncated_frac"] = float(batch.truncated.float().mean())
+        t_rollout = time.perf_counter() - t0
+        if groups == 0:
+            self.state.consecutive_skips = 0
+            return {**row, "time/rollout": t_rollout, "lr": self.m.lr_scheduler.get_last_lr()[0]}
+        batch = batch.take(torch.arange(groups * G))
+        scores = {k: v[:groups * G] for k, v in scores.items()}
+        kept_pid = kept_pid[:groups * G]
+        share = torch.arange(rank * groups // W * G, (rank + 1) * groups // W * G)
+        mine = batch.take(share)
+        logp_old = self._old_logprobs(mine)
+        if t.kl_in_reward:  # r - beta * sum_t KL_t, on the sampler's tokens, before the advantages
+            scores = self._kl_penalised(scores, mine, logp_old, share, len(batch))
+        slot = torch.repeat_interleave(torch.arange(groups), G)
+        adv, _, _, all_adv = self.scorer.advantages({k: v[share] for k, v in scores.items()}, slot[share],
+                                                    kept_pid[::G])  # slot -> prompt id, for the tracker
+        if t.mask_truncated:
+            mine.completion_mask[mine.truncated] = 0
+        stats, skip = self._optimize(mine, adv, logp_old, it, [kept_pid[i] for i in share.tolist()])
+        row.update({"adv/mean": float(all_adv.mean()), "adv/std": float(all_adv.std()),
+                    "adv/zero_groups": int((all_adv.reshape(groups, G).abs().amax(1) == 0).sum()), **stats,
+                    "time/rollout": t_rollout, "time/train": time.perf_counter() - t0 - t_rollout})
+        if skip is not None:
+            return self._skipped(row, *skip, t0)
+        self.state.consecutive_skips = 0
+        row.update({"lr": self.m.lr_scheduler.get_last_lr()[0], "skips": self.state.skips})
+        return row
+
+    def _old_logprobs(self, mine):
+        """The sampling policy's log-probs, recomputed, when the ratio can differ from 1 (several updates per
+        rollout, mismatch weights, KL in the reward); None on-policy (the current ones, detached, are equal)."""
+        c, t = self.cfg, self.cfg.training
+        if t.inner_epochs * t.updates_per_epoch == 1 and c.generation.mismatch is None and not t.kl_in_reward:
+            return None
+        mb, out = t.micro_batch_size, []
+        with torch.no_grad():
+            for lo in range(0, len(mine), mb):
+                out.append(lm_rollout.token_logprobs(self.m.model, mine.take(torch.arange(lo, min(lo + mb, len(mine)))),
+                                                     c.generation.temperature, self.acc.device).cpu())
+        return torch.cat(out)
+
+    def _kl_penalised(self, scores, mine, logp_old, share, n):
+        from flowrl.core import KL_FORMS  # noqa: PLC0415
+
+        t = self.cfg.training
+        with torch.no_grad(), self._reference():
+            ref = lm_rollout.token_logprobs(self.m.model, mine, self.cfg.generation.temperature, self.acc.device).cpu()
+        kl = KL_FORMS[t.kl](logp=logp_old, logp_ref=ref, mean=None, mean_ref=None, std=None, h=None)
+        kl = (kl * mine.completion_mask).sum(1)
+        full = torch.zeros(n)
+        full[share] = kl
+        full = self.acc.reduce(full.to(self.acc.device), "sum").cpu()
+        first = self.reward.names[0]  # the penalty joins the first component, the one it is weighted with
+        return {**scores, first: scores[first] - t.kl_beta * full / self.reward.weights[first]}
+
+    def _optimize(self, mine, adv, logp_old, it, prompt_ids):
+        c, acc, t = self.cfg, self.acc, self.cfg.training
+        logs: dict[str, list] = {}
+        seq = torch.arange(len(mine))
+        self.m.model.train(False)
+        for epoch in range(t.inner_epochs):
+            g = torch.Generator().manual_seed(derive_seed(c.run.seed, it, epoch, acc.process_index, "shuffle"))
+            order = torch.randperm(len(mine), generator=g)
+            for part in torch.tensor_split(order, t.updates_per_epoch):
+                step, bad = backward_update(self.m.model, acc, mine.take(part), adv[part],
+                                            None if logp_old is None else logp_old[part], seq[part], c,
+                                            t.micro_batch_size, self._reference)
+                norm = acc.clip_grad_norm_(self.m.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+                finite = bool(torch.isfinite(norm)) if norm is not None else guards.grads_finite(self.m.params)
+                if self._any_process(bad > 0 or not finite):
+                    self.m.optimizer.zero_grad(set_to_none=True)
+                    ids = sorted(set(gather_object(prompt_ids if bad else [])))
+                    return self._reduce(logs), ("loss" if bad else "gradient", ids)
+                self.m.optimizer.step()
+                self.m.lr_scheduler.step()
+                self.m.optimizer.zero_grad(set_to_none=True)
+                step["grad_norm"] = [torch.tensor([float(norm) if norm is not None else float("nan")])]
+                for k, v in step.items():
+                    logs.setdefault(k, []).extend(v)
+        return self._reduce(logs), None
+
+    def _reduce(self, logs: dict) -> dict:
+        out = {}
+        for k, v in logs.items():
+            vals = self.acc.gather(torch.cat(v).to(self.acc.device)).cpu()
+            out[k] = float(vals.min() if k == "ratio_min" else vals.max() if k == "ratio_max" else vals.mean())
+        return out
+
+    def _skipped(self, row, reason: str, prompt_ids, t0) -> dict:
+        self.state.skips += 1
+        self.state.consecutive_skips += 1
+        if self.acc.is_main_process:
+            logger.warning(f"flowrl: iteration {row['iteration']}: non-finite {reason} (prompt ids {prompt_ids}); "
+                           f"update skipped ({self.state.consecutive_skips} in a row)")
+        row.update({"skipped": reason, "skipped_prompts": prompt_ids, "skips": self.state.skips,
+                    "lr": self.m.lr_scheduler.get_last_lr()[0], "time/train": time.perf_counter() - t0})
+        return row

@@ -1,0 +1,86 @@
+"""One optimizer update of a language model on the shared core: token units, the registered policy loss, KL and
+mismatch weights, aggregated with global denominators so the gradient does not depend on the number of
+processes, the accumulation or the micro-batch size (tests/test_llm_invariance.py).
+
+The units of an update are the valid completion tokens of its sequences, flattened in sequence order; each
+carries its sequence's advantage and id. ``AGGREGATION_WEIGHTS`` turns the update's sequence ids into one weight
+per token and a denominator, the denominator is summed over processes, and every micro-batch backpropagates
+``sum(w * loss) / denominator`` of its own tokens: the micro-batches and processes add up to the update's loss
+(DDP's mean over processes is undone by the same sum).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from flowrl.core import AGGREGATION_WEIGHTS, KL_FORMS, POLICY_LOSSES, mismatch_weights
+from flowrl.llm.rollout import token_logprobs
+
+
+def token_weights(mask: torch.Tensor, seq_ids: torch.Tensor, mode: str, norm_len: int | None):
+    """Per-token aggregation weights of one update (tokens flattened row by row) and its local denominator."""
+    ids = seq_ids[:, None].expand_as(mask)[mask.bool()]
+    return AGGREGATION_WEIGHTS[mode](ids, norm_len)
+
+
+def micro_batch_loss(model, batch, adv, logp_old, seq_ids, cfg, device, reference=None):
+    """Per-token losses of one micro-batch (flattened valid tokens, in row order) and detached stats.
+
+    ``logp_old``: (n, Lc) log-probs of the policy that sampled (None: on-policy, the current ones detached);
+    ``reference``: a context manager factory under which ``model`` is the reference policy (KL in the loss)."""
+    t, g = cfg.training, cfg.generation
+    logp, entropy = token_logprobs(model, batch, g.temperature, device, entropy=True)
+    mask = batch.completion_mask.to(device).bool()
+    old = logp.detach() if logp_old is None else logp_old.to(device)
+    per_seq = adv.to(device).float()[:, None].expand_as(mask)
+    ids = seq_ids.to(device)[:, None].expand_as(mask)
+    logp_u, old_u = logp[mask], old[mask]
+    loss, s = POLICY_LOSSES[t.policy_loss](logp_u, old_u, per_seq[mask], eps_low=t.clip_eps_low,
+                                           eps_high=t.clip_eps_high, seq_ids=ids[mask])
+    stats = {"loss": loss.detach(), "entropy": entropy.reshape(1), **{k: s[k].reshape(-1) for k in
+                                                                       ("clip_frac", "approx_kl", "ratio_mean",
+                                                                        "ratio_min", "ratio_max")}}
+    if g.mismatch is not None:
+        w, ws = mismatch_weights(old_u, batch.logp_rollout.to(device)[mask], ids[mask],
+                                 level=g.mismatch.get("level", "sequence"), mode=g.mismatch.get("mode", "mask"),
+                                 clip_max=g.mismatch.get("clip_max", 3.0), clip_min=g.mismatch.get("clip_min"))
+        loss = loss * w
+        stats.update({k: v.reshape(1) for k, v in ws.items()})
+    if t.kl_beta > 0 and not t.kl_in_reward:
+        with torch.no_grad(), reference():
+            ref = token_logprobs(model, batch, g.temperature, device)
+        kl = KL_FORMS[t.kl](logp=logp_u, logp_ref=ref[mask], mean=None, mean_ref=None, std=None, h=None)
+        loss = loss + t.kl_beta * kl
+        stats["kl"] = kl.detach()
+    return loss, stats
+
+
+def backward_update(model, acc, batch, adv, logp_old, seq_ids, cfg, micro_batch_size: int, reference=None):
+    """Backpropagate one update's loss over micro-batches of ``micro_batch_size`` sequences (no optimizer step).
+
+    Every process must hold the same number of sequences. Returns (stats lists, number of non-finite per-token
+    losses on this process)."""
+    t = cfg.training
+    mask = batch.completion_mask
+    weights, denom = token_weights(mask, seq_ids, t.aggregation, t.norm_len or cfg.model.max_completion_tokens)
+    denom = float(acc.gather(torch.tensor([float(denom)], device=acc.device)).sum()) / acc.num_processes
+    denom = denom or 1.0
+    counts = mask.sum(1).tolist()
+    logs: dict[str, list] = {}
+    bad, start, n = 0, 0, len(batch)
+    for j, lo in enumerate(range(0, n, micro_batch_size)):
+        idx = torch.arange(lo, min(lo + micro_batch_size, n))
+        last = lo + micro_batch_size >= n
+        sync = contextlib.nullcontext() if last else acc.no_sync(model)
+        with sync, acc.autocast():
+            loss, s = micro_batch_loss(model, batch.take(idx), adv[idx], None if logp_old is None else logp_old[idx],
+                                       seq_ids[idx], cfg, acc.device, reference)
+            k = int(sum(counts[i] for i in idx.tolist()))
+            w = weights[start:start + k].to(loss)
+            start += k
+            acc.backward((loss * w).sum() / denom)
+        bad += int((~torch.isfinite(loss.detach())).sum())
+        for key, v in s.items():
+            logs.setdefault(key, []).append(v.detach().float().reshape(-1).cpu())
+    return logs, bad
