@@ -41,7 +41,7 @@ def _train(args) -> None:
         return
     out = "lora" if cfg.finetune.mode == "lora" else "model"
     print(f"flowrl: finished {cfg.run.iterations} iterations; run folder {cfg.run.output_dir} ({out}/, "
-          "metrics.jsonl, samples/, checkpoints/)")
+          f"metrics.jsonl, {'' if llm else 'samples/, '}checkpoints/, reward_curve.png)")
 
 
 def _load_policy(args):
@@ -122,6 +122,10 @@ def _eval(args) -> None:
     if args.baseline_differs and not args.baseline:
         raise ValueError("--baseline-differs needs --baseline (the eval.json it differs from)")
     prompts, metadata = _prompts(args)
+    from flowrl.llm.cli_eval import eval_lm, is_language_model
+
+    if is_language_model(args.model):
+        return eval_lm(args, prompts, metadata)
     reward = rewards.MultiReward(args.rewards, json.loads(args.reward_kwargs) if args.reward_kwargs else None)
     expanded = [p for p in prompts for _ in range(args.num)]
     baseline = _load_baseline(args.baseline, expanded, args) if args.baseline else None  # before any sampling
@@ -312,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--sde", action="store_true", help="sample with the Flow SDE instead of the ODE")
     s.set_defaults(fn=_sample)
-    e = sub.add_parser("eval", help="ODE samples on a prompt file, scored by rewards; a table printed and saved")
+    e = sub.add_parser("eval", help="ODE samples on a prompt file, scored by rewards; a table printed and saved "
+                       "(for a language model --model: greedy accuracy, pass@--num, paired gain over --baseline)")
     _common(e)
     e.add_argument("--rewards", required=True, help='reward spec, e.g. "brightness:1,jpeg_compressibility:0.5"')
     e.add_argument("--reward-kwargs", default=None, help='JSON: {"reward_name": {"arg": value}}')
@@ -322,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sampler settings ({', '.join(SAMPLER_SETTINGS)}) this eval changes on purpose against "
                         "--baseline, e.g. guidance for a CFG-free model against its base at the base's guidance; "
                         "everything else must match")
+    e.add_argument("--max-new-tokens", type=int, default=16, help="language models: the completion budget")
+    e.add_argument("--chat-template", action="store_true", help="language models: prompts as one user message "
+                   "through the tokenizer's chat template")
     e.set_defaults(fn=_eval)
     return ap
 

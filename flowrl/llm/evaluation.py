@@ -48,14 +48,17 @@ def _rate(solved: torch.Tensor) -> tuple[float, float]:
 
 
 def evaluate(model, tokenizer, prompts: list[str], metadata: list[dict], reward, metric: str, *, max_new: int,
-             chat_template: bool, device, pass_k: int = 0, temperature: float = 1.0, seed: int = 1234) -> dict:
+             chat_template: bool, device, pass_k: int = 0, temperature: float = 1.0, seed: int = 1234,
+             per_prompt: bool = False):
     """Greedy accuracy (``eval/accuracy`` and ``eval/accuracy_se``), every reward's greedy mean, and with
-    ``pass_k`` the fraction of prompts solved by at least one of k samples (``eval/pass@k``)."""
+    ``pass_k`` the fraction of prompts solved by at least one of k samples (``eval/pass@k``). With
+    ``per_prompt``: (that row, each prompt's greedy verdict as 0. / 1.)."""
     texts = format_prompts(tokenizer, prompts, chat_template)
     out, n, cut = complete(model, tokenizer, texts, max_new, device)
     scores = reward(out, list(prompts), with_lengths(metadata, n, cut))
     row = {f"eval/{k}_mean": float(v.mean()) for k, v in scores.items()}
-    row["eval/accuracy"], row["eval/accuracy_se"] = _rate(scores[metric] >= SOLVED)
+    greedy = scores[metric] >= SOLVED
+    row["eval/accuracy"], row["eval/accuracy_se"] = _rate(greedy)
     if pass_k:
         out, n, cut = complete(model, tokenizer, texts, max_new, device, sample=True, k=pass_k,
                                temperature=temperature, seed=seed)
@@ -64,4 +67,4 @@ def evaluate(model, tokenizer, prompts: list[str], metadata: list[dict], reward,
         solved = (reward(out, rep, meta)[metric] >= SOLVED).reshape(len(prompts), pass_k)
         row[f"eval/pass@{pass_k}"], row[f"eval/pass@{pass_k}_se"] = _rate(solved.any(1))
         row["eval/sampled_accuracy"] = float(solved.float().mean())
-    return row
+    return (row, greedy.float().tolist()) if per_prompt else row
