@@ -48,21 +48,23 @@ def _field(metadata: list[dict], key: str, who: str) -> list:
 class ExactAnswer(TextReward):
     """1 when the completion, stripped, matches ``pattern`` and its answer (the pattern's first group, or the
     whole match) equals ``metadata["answer"]`` as a string; else 0. Extras: ``format`` (the pattern matched) and
-    ``correct`` (the same as the score). The default pattern is an integer, the arithmetic task's format."""
+    ``correct`` (the same as the score). The default pattern is an integer, the arithmetic task's format; the
+    GSM8K recipes (configs/llm_gsm8k_*.yaml) take a chat model's last boxed answer."""
 
     main_key = "correct"
 
-    def __init__(self, pattern: str = r"-?\d+"):
+    def __init__(self, pattern: str = r"-?\d+", strip_chars: str = ""):
         try:
             self.pattern = re.compile(pattern)
         except re.error as e:
             raise ValueError(f"reward 'exact_answer': pattern {pattern!r} is not a regular expression: {e}") from None
+        self.strip = str.maketrans("", "", strip_chars)  # e.g. ",$" so that "$1,000" answers "1000"
 
     def answer(self, completion: str) -> str | None:
         m = self.pattern.fullmatch(completion.strip())
         if m is None:
             return None
-        return m.group(1) if m.groups() else m.group(0)
+        return (m.group(1) if m.groups() else m.group(0)).strip().translate(self.strip)
 
     def score(self, completions, prompts, metadata):
         answers = [str(a) for a in _field(metadata, "answer", self.label)]

@@ -19,7 +19,9 @@ from flowrl.train import builders
 from flowrl.train.config import Config, ConfigError, build_dataclass, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+# image recipes; the language-model ones (trainer: llm) are tests/test_llm_configs.py's
+RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml")
+                 if (yaml.safe_load(p.read_text()) or {}).get("trainer", "image") == "image")
 LAUNCH_CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 PROMPTS = REPO / "flowrl" / "data" / "prompts"
 
