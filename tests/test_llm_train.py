@@ -163,3 +163,30 @@ def test_bad_reward_output_is_named_or_skipped(lm_dir, tmp_path, one_thread, mon
                     "training.max_consecutive_skips=2"))
     rows = _rows(tmp_path / "nan")
     assert [r["skipped"] for r in rows] == ["reward", "reward"] and rows[0]["skipped_prompts"]
+
+
+def test_two_processes_train_together(lm_dir, tmp_path):
+    """accelerate launch with 2 (gloo) processes and DAPO's refills: the collectives line up (draws gathered,
+    stats of unequal token counts reduced), metrics written once, every trained batch whole groups."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "flowrl.cli", "train", str(RECIPE), "--set", f"model.path={lm_dir}", "--set",
+           f"run.output_dir={run}", "--set", "run.iterations=2", "--set", "eval.every=2", "--set",
+           "eval.num_prompts=8", "--set", "run.progress=false", "--set", "training.algorithm=dapo", "--set",
+           "rewards.components=answer_format:1.0", "--set", "model.max_completion_tokens=6"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows(run)
+    assert [r["world_size"] for r in rows] == [2, 2] and "eval/accuracy" in rows[-1]
+    assert all(r["groups/trained"] % 2 == 0 and r["groups/trained"] <= r["groups/kept"] for r in rows)
+    assert (run / "model" / "config.json").is_file()

@@ -35,7 +35,7 @@ class LMFinetuneConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "hf"                  # hf (transformers generate) | vllm (GPU extra, flowrl.llm.rollout)
+    backend: str = "hf"                  # hf (transformers generate); vLLM is not in flowrl yet
     G: int = 8                           # completions per prompt: the group
     temperature: float = 1.0             # the policy trained is softmax(logits / temperature)
     top_p: float = 1.0
@@ -43,7 +43,8 @@ class GenerationConfig:
     max_batch: int | None = None         # sequences per generate call (memory); None: all of a process's
     mismatch: dict | None = None         # rollout/training log-prob mismatch weights (flowrl.core.mismatch_weights):
                                          # {level: token | sequence, mode: truncate | mask, clip_max: 3.0,
-                                         # clip_min: null}; None: none (the hf backend samples the trained model)
+                                         # clip_min: null}; None: none. With hf it corrects top-k / top-p
+                                         # truncation; a faster engine's log-probs would enter the same way
 
 
 @dataclass

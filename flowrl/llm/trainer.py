@@ -191,7 +191,7 @@ class LMTrainer:
         W, rank, P, G = acc.num_processes, acc.process_index, c.data.prompts_per_iteration, c.generation.G
         t0 = time.perf_counter()
         row = {"iteration": it, "world_size": W}
-        kept_batches, kept_scores, kept_pid, drawn = [], [], [], 0
+        kept_batches, kept_scores, kept_pid, drawn, every = [], [], [], 0, []
         for draw in range(c.data.max_draws if c.data.dynamic_sampling else 1):
             pid, batch, scores, bad = self._draw(it, draw)
             drawn += len(batch) // G
@@ -205,6 +205,7 @@ class LMTrainer:
             idx = torch.nonzero(keep).flatten()
             kept_batches.append(batch.take(idx))
             kept_scores.append({k: v[idx] for k, v in scores.items()})
+            every.append(scores)
             kept_pid += [pid[i] for i in idx.tolist()]
             if sum(len(b) for b in kept_batches) >= P * G:
                 break
@@ -213,9 +214,10 @@ class LMTrainer:
         groups = (len(batch) // G) // W * W  # whole groups, an equal share per process
         groups = min(groups, P)
         row.update({"groups/drawn": drawn, "groups/kept": len(batch) // G, "groups/trained": groups})
-        for k, v in scores.items():
+        drawn_scores = {k: torch.cat([s[k] for s in every]) for k in every[0]}  # every sample, kept or not
+        for k, v in drawn_scores.items():
             row[f"reward/{k}_mean"] = float(v.mean())
-        row["reward/mean"] = float(self.reward.weighted_sum(scores).mean())
+        row["reward/mean"] = float(self.reward.weighted_sum(drawn_scores).mean())
         row["completion/length_mean"] = float(batch.lengths.float().mean())
         row["completion/truncated_frac"] = float(batch.truncated.float().mean())
         t_rollout = time.perf_counter() - t0
@@ -299,10 +301,16 @@ class LMTrainer:
         return self._reduce(logs), None
 
     def _reduce(self, logs: dict) -> dict:
+        """Means over every process's values (per-token stats: processes hold different token counts, so each
+        sends its sum, count, min and max), the ratio's min and max. Collective, keys in sorted order."""
         out = {}
-        for k, v in logs.items():
-            vals = self.acc.gather(torch.cat(v).to(self.acc.device)).cpu()
-            out[k] = float(vals.min() if k == "ratio_min" else vals.max() if k == "ratio_max" else vals.mean())
+        for k in sorted(logs):
+            v = torch.cat(logs[k]).double()
+            local = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64), v.min(), v.max()])
+            parts = self.acc.gather(local[None].to(self.acc.device)).cpu()
+            mean = float(parts[:, 0].sum() / parts[:, 1].sum().clamp(min=1))
+            out[k] = float(parts[:, 2].min()) if k == "ratio_min" else float(parts[:, 3].max()) if k == "ratio_max" \
+                else mean
         return out
 
     def _skipped(self, row, reason: str, prompt_ids, t0) -> dict:
