@@ -193,7 +193,8 @@ def test_policy_losses_share_one_signature():
     logp, logp_old, mean, mean_old, std, adv = _steps()
     chunks = torch.tensor([0, 0, 1, 1, 1, 2])
     for chunk_ids in (None, chunks):
-        kw = dict(eps_low=1e-3, eps_high=2e-3, chunk_ids=chunk_ids, mean=mean, mean_old=mean_old, std=std)
+        kw = dict(eps_low=1e-3, eps_high=2e-3, chunk_ids=chunk_ids, mean=mean, mean_old=mean_old, std=std,
+                  seq_ids=torch.tensor([0, 0, 0, 1, 1, 1]))
         out = {name: fn(logp, logp_old, adv, **kw) for name, fn in POLICY_LOSSES.items()}
         assert set(out) >= {"clip", "ratio_norm"}
         want, _ = clipped_surrogate(logp, logp_old, adv, 1e-3, 2e-3, chunk_ids=chunk_ids)

@@ -190,3 +190,24 @@ def test_two_processes_train_together(lm_dir, tmp_path):
     assert [r["world_size"] for r in rows] == [2, 2] and "eval/accuracy" in rows[-1]
     assert all(r["groups/trained"] % 2 == 0 and r["groups/trained"] <= r["groups/kept"] for r in rows)
     assert (run / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("sets,expect", [
+    (["training.algorithm=grpo", "training.kl_beta=0.04"], "kl"),  # k3 KL in the loss, adapter-off base
+    (["training.algorithm=dr_grpo"], "loss"), (["training.algorithm=gspo", "training.updates_per_epoch=2"], "loss"),
+    (["training.algorithm=gmpo"], "loss"), (["training.algorithm=cispo"], "loss"),
+    (["training.algorithm=rloo"], "loss"),
+    (["training.algorithm=reinforce_pp_baseline", "finetune.mode=full", "training.kl_beta=0.001"], "kl"),
+    (["training.kl_beta=0.1", "training.kl_in_reward=true", "training.kl=k1"], "loss"),
+    (["generation.mismatch={level: token, mode: truncate, clip_max: 2.0}", "generation.top_k=5"], "is_weight_mean"),
+    (["training.mask_truncated=true"], "loss"),
+], ids=lambda s: " ".join(s) if isinstance(s, list) else s)
+def test_every_named_part_trains(lm_dir, tmp_path, one_thread, sets, expect):
+    _train(_cfg(lm_dir, tmp_path / "run", "finetune.mode=lora", "finetune.lora_rank=4", "run.iterations=1", *sets))
+    row = _rows(tmp_path / "run")[0]
+    assert "skipped" not in row and row["grad_norm"] == row["grad_norm"], row  # an update happened, finite
+    assert expect in row and row[expect] == row[expect]
+    if expect == "kl":
+        assert row["kl"] >= 0  # k3 / k2 are non-negative
+    if expect == "is_weight_mean":  # top-k truncates the sampler: weights differ from 1, the ratio does not
+        assert 0 < row["is_weight_mean"] and row["ratio_mean"] == pytest.approx(1.0, abs=1e-5)

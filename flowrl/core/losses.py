@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .chunks import chunk_mean
-from .ratio_losses import cispo_surrogate, gmpo_surrogate
+from .ratio_losses import cispo_surrogate, gmpo_surrogate, ratio_extremes
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -64,8 +64,7 @@ def clipped_surrogate_from_log_ratio(
             "clip_frac": ((clipped > unclipped).to(r.dtype) * m).sum() / n,
             "approx_kl": (0.5 * log_ratio.detach().pow(2) * m).sum() / n,
             "ratio_mean": (r * m).sum() / n,
-            "ratio_min": torch.where(valid, r, torch.full_like(r, float("inf"))).min(),
-            "ratio_max": torch.where(valid, r, torch.full_like(r, float("-inf"))).max(),
+            **ratio_extremes(r, valid),
         }
     return loss, stats
 

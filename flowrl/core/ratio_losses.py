@@ -15,6 +15,13 @@ from torch import Tensor
 from .chunks import chunk_mean
 
 
+def ratio_extremes(r: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """The ratio's min and max over valid units (+inf / -inf when there are none, e.g. every token masked)."""
+    if not bool(valid.any()):
+        return {"ratio_min": r.new_tensor(float("inf")), "ratio_max": r.new_tensor(float("-inf"))}
+    return {"ratio_min": r[valid].min(), "ratio_max": r[valid].max()}
+
+
 def _stats(ratio: Tensor, log_ratio: Tensor, clipped: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
     with torch.no_grad():
         m = torch.ones_like(ratio) if mask is None else mask.reshape(ratio.shape).to(ratio.dtype)
@@ -25,8 +32,7 @@ def _stats(ratio: Tensor, log_ratio: Tensor, clipped: Tensor, mask: Tensor | Non
             "clip_frac": (clipped.to(r.dtype) * m).sum() / n,
             "approx_kl": (0.5 * log_ratio.detach().pow(2) * m).sum() / n,
             "ratio_mean": (r * m).sum() / n,
-            "ratio_min": torch.where(valid, r, torch.full_like(r, float("inf"))).min(),
-            "ratio_max": torch.where(valid, r, torch.full_like(r, float("-inf"))).max(),
+            **ratio_extremes(r, valid),
         }
 
 

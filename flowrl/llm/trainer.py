@@ -31,7 +31,7 @@ from flowrl.llm import evaluation
 from flowrl.llm import rollout as lm_rollout
 from flowrl.llm.model import build_lm, check_prompt_lengths, format_prompts
 from flowrl.llm.run_folder import LMRunFolder
-from flowrl.llm.update import backward_update
+from flowrl.llm.update import backward_update, batched_logprobs, reduce_stats, sequence_kl
 from flowrl.sampling.seeding import derive_seed
 from flowrl.train import builders, checkpoint, guards
 from flowrl.train.checkpoint import LoopState
@@ -248,30 +248,23 @@ class LMTrainer:
         return row
 
     def _old_logprobs(self, mine):
-        """The sampling policy's log-probs, recomputed, when the ratio can differ from 1 (several updates per
-        rollout, mismatch weights, KL in the reward); None on-policy (the current ones, detached, are equal)."""
+        """The sampling policy's log-probs when the ratio can differ from 1 (several updates per rollout, mismatch
+        weights, KL in the reward); None on-policy, where the current ones, detached, are equal."""
         c, t = self.cfg, self.cfg.training
         if t.inner_epochs * t.updates_per_epoch == 1 and c.generation.mismatch is None and not t.kl_in_reward:
             return None
-        mb, out = t.micro_batch_size, []
-        with torch.no_grad():
-            for lo in range(0, len(mine), mb):
-                out.append(lm_rollout.token_logprobs(self.m.model, mine.take(torch.arange(lo, min(lo + mb, len(mine)))),
-                                                     c.generation.temperature, self.acc.device).cpu())
-        return torch.cat(out)
+        return batched_logprobs(self.m.model, mine, c.generation.temperature, self.acc.device, t.micro_batch_size)
 
     def _kl_penalised(self, scores, mine, logp_old, share, n):
-        from flowrl.core import KL_FORMS  # noqa: PLC0415
-
+        """The first reward component less beta * sum_t KL_t / its weight, so the weighted reward is r - beta KL."""
         t = self.cfg.training
-        with torch.no_grad(), self._reference():
-            ref = lm_rollout.token_logprobs(self.m.model, mine, self.cfg.generation.temperature, self.acc.device).cpu()
-        kl = KL_FORMS[t.kl](logp=logp_old, logp_ref=ref, mean=None, mean_ref=None, std=None, h=None)
-        kl = (kl * mine.completion_mask).sum(1)
+        with self._reference():
+            ref = batched_logprobs(self.m.model, mine, self.cfg.generation.temperature, self.acc.device,
+                                   t.micro_batch_size)
         full = torch.zeros(n)
-        full[share] = kl
-        full = self.acc.reduce(full.to(self.acc.device), "sum").cpu()
-        first = self.reward.names[0]  # the penalty joins the first component, the one it is weighted with
+        full[share] = sequence_kl(logp_old, ref, mine.completion_mask, t.kl)
+        full = self.acc.reduce(full.to(self.acc.device), "sum").cpu()  # every process's share
+        first = self.reward.names[0]
         return {**scores, first: scores[first] - t.kl_beta * full / self.reward.weights[first]}
 
     def _optimize(self, mine, adv, logp_old, it, prompt_ids):
@@ -291,27 +284,14 @@ class LMTrainer:
                 if self._any_process(bad > 0 or not finite):
                     self.m.optimizer.zero_grad(set_to_none=True)
                     ids = sorted(set(gather_object(prompt_ids if bad else [])))
-                    return self._reduce(logs), ("loss" if bad else "gradient", ids)
+                    return reduce_stats(self.acc, logs), ("loss" if bad else "gradient", ids)
                 self.m.optimizer.step()
                 self.m.lr_scheduler.step()
                 self.m.optimizer.zero_grad(set_to_none=True)
                 step["grad_norm"] = [torch.tensor([float(norm) if norm is not None else float("nan")])]
                 for k, v in step.items():
                     logs.setdefault(k, []).extend(v)
-        return self._reduce(logs), None
-
-    def _reduce(self, logs: dict) -> dict:
-        """Means over every process's values (per-token stats: processes hold different token counts, so each
-        sends its sum, count, min and max), the ratio's min and max. Collective, keys in sorted order."""
-        out = {}
-        for k in sorted(logs):
-            v = torch.cat(logs[k]).double()
-            local = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64), v.min(), v.max()])
-            parts = self.acc.gather(local[None].to(self.acc.device)).cpu()
-            mean = float(parts[:, 0].sum() / parts[:, 1].sum().clamp(min=1))
-            out[k] = float(parts[:, 2].min()) if k == "ratio_min" else float(parts[:, 3].max()) if k == "ratio_max" \
-                else mean
-        return out
+        return reduce_stats(self.acc, logs), None
 
     def _skipped(self, row, reason: str, prompt_ids, t0) -> dict:
         self.state.skips += 1

@@ -84,3 +84,37 @@ def backward_update(model, acc, batch, adv, logp_old, seq_ids, cfg, micro_batch_
         for key, v in s.items():
             logs.setdefault(key, []).append(v.detach().float().reshape(-1).cpu())
     return logs, bad
+
+
+def batched_logprobs(model, batch, temperature: float, device, size: int) -> torch.Tensor:
+    """(N, Lc) token log-probs without gradient, ``size`` sequences per forward, on the CPU."""
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(batch), size):
+            part = batch.take(torch.arange(lo, min(lo + size, len(batch))))
+            out.append(token_logprobs(model, part, temperature, device).cpu())
+    return torch.cat(out)
+
+
+def sequence_kl(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sequence sum of a token KL estimator (KL in the reward: r - beta * sum_t KL_t)."""
+    kl = KL_FORMS[kind](logp=logp, logp_ref=logp_ref, mean=None, mean_ref=None, std=None, h=None)
+    return (kl * mask).sum(1)
+
+
+def reduce_stats(acc, logs: dict[str, list]) -> dict[str, float]:
+    """Means over every process's values, the ratio's min and max. Per-token stats come in different numbers per
+    process, so each sends its sum, count, min and max. Collective, keys in sorted order."""
+    out = {}
+    for k in sorted(logs):
+        v = torch.cat(logs[k]).double()
+        lo, hi = (v.min(), v.max()) if v.numel() else (torch.tensor(float("inf")), torch.tensor(float("-inf")))
+        local = torch.stack([v.sum(), torch.tensor(float(v.numel()), dtype=torch.float64), lo.double(), hi.double()])
+        parts = acc.gather(local[None].to(acc.device)).cpu()
+        if k == "ratio_min":
+            out[k] = float(parts[:, 2].min())
+        elif k == "ratio_max":
+            out[k] = float(parts[:, 3].max())
+        elif parts[:, 1].sum() > 0:  # a stat no process has values of (e.g. every token masked) is left out
+            out[k] = float(parts[:, 0].sum() / parts[:, 1].sum())
+    return out
