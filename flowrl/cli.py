@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 def _train(args) -> None:
-    from flowrl.llm.config import build_llm_config, read_recipe
-    from flowrl.train.config import load_config
+    from flowrl.llm.config import build_llm_config
+    from flowrl.train.config import load_config, read_recipe
 
     data = read_recipe(args.config, args.set)
     llm = data.get("trainer", "image") == "llm"  # the language-model trainer (flowrl.llm); else the image one

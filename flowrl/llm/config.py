@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from flowrl.train.config import ConfigError, DataConfig, RewardConfig, RunConfig, apply_overrides, build_dataclass
+from flowrl.train.config import DataConfig, RewardConfig, RunConfig, build_dataclass, read_recipe
 
 
 @dataclass
@@ -111,22 +109,6 @@ class LLMConfig:
     advantages: LMAdvantageConfig = field(default_factory=LMAdvantageConfig)
     training: LMTrainingConfig = field(default_factory=LMTrainingConfig)
     eval: LMEvalConfig = field(default_factory=LMEvalConfig)
-
-
-def read_recipe(path: str | Path | None, overrides: list[str] | None = None) -> dict:
-    """The recipe's mapping with ``--set`` overrides applied (shared by both trainers' loaders)."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return apply_overrides(data, overrides or [])
 
 
 def build_llm_config(data: dict) -> LLMConfig:

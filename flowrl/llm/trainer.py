@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 import rewards as rewards_lib
 from flowrl.core import group_stats
@@ -33,11 +32,11 @@ from flowrl.llm.model import build_lm, check_prompt_lengths, format_prompts
 from flowrl.llm.run_folder import LMRunFolder
 from flowrl.llm.update import backward_update, batched_logprobs, reduce_stats, sequence_kl
 from flowrl.sampling.seeding import derive_seed
-from flowrl.train import builders, checkpoint, guards
+from flowrl.train import builders, checkpoint, guards, loop
 from flowrl.train.checkpoint import LoopState
 from flowrl.train.config import ConfigError
 from flowrl.train.run_folder import check_run_dir
-from flowrl.train.scoring import Scorer, eval_score
+from flowrl.train.scoring import Scorer
 from flowrl.train.validate import import_reward_modules
 
 logger = logging.getLogger("flowrl")
@@ -116,50 +115,21 @@ class LMTrainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> str | None:
-        c, acc = self.cfg, self.acc
-        start = self.state.iteration
-        bar = tqdm(range(start, c.run.iterations), initial=start, total=c.run.iterations, desc="flowrl train",
-                   disable=not (c.run.progress and acc.is_main_process))
-        if start == 0 and c.eval.every and self.eval_set is not None:  # the base, for the before / after table
+        """The image trainer's outer loop (flowrl.train.loop) over this trainer's iterations."""
+        return loop.run(self)
+
+    @property
+    def score_weights(self) -> dict:
+        return {self.metric: 1.0}  # the best checkpoint is the most accurate
+
+    def begin(self, start: int) -> None:
+        if start == 0 and self.cfg.eval.every and self.eval_set is not None:  # the base, for before / after
             before = self.evaluate(-1)
-            if acc.is_main_process:
+            if self.acc.is_main_process:
                 (self.run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
-        stop = guards.StopSignal().install()
-        try:
-            for it in bar:
-                row = self.iteration(it)
-                last = it + 1 == c.run.iterations
-                if c.eval.every and self.eval_set is not None and ((it + 1) % c.eval.every == 0 or last):
-                    row.update(self.evaluate(it))
-                    acc.wait_for_everyone()
-                self.rows.append(row)
-                self.folder.append(row)
-                bar.set_postfix(reward=f"{row.get('reward/mean', float('nan')):.3f}")
-                acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=it)
-                self.state.iteration = it + 1
-                stopping = self._any_process(stop.received is not None) and not last
-                failing = self.state.consecutive_skips >= c.training.max_consecutive_skips
-                if stopping or failing or last or (c.run.save_every and (it + 1) % c.run.save_every == 0):
-                    saved = self.folder.save_checkpoint(self.state, it + 1, eval_score(row, {self.metric: 1.0}))
-                if failing:
-                    raise guards.TrainingError(f"{self.state.consecutive_skips} iterations in a row skipped for "
-                                               f"non-finite values (the last: {row['skipped']}); the weights of the "
-                                               f"last good update are in {saved}")
-                if stopping:
-                    self.stopped = (stop.received or "a stop signal to another process", saved)
-                    acc.wait_for_everyone()
-                    self.folder.reward_curve(self.rows)
-                    acc.end_training()
-                    return self.stopped[0]
-        finally:
-            stop.uninstall()
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.folder.reward_curve(self.rows)
-            self.folder.save_weights()
-        acc.wait_for_everyone()
-        acc.end_training()
-        return None
+
+    def finish(self) -> None:
+        self.folder.save_weights()
 
     def _draw(self, it: int, draw: int) -> tuple[list[int], lm_rollout.TextBatch, dict | None, list]:
         """One rollout round: the draw's prompts, completions scored where they were sampled, then every process's

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flowrl.core import ADVANTAGE_ESTIMATORS, AGGREGATION_WEIGHTS, IS_LEVELS, IS_MODES, POLICY_LOSSES
 from flowrl.train.config import ConfigError
-from flowrl.train.validate import _get, check_data_and_rewards
+from flowrl.train.validate import _get, check_data_and_rewards, check_ranges
 
 CHOICES = {
     "trainer": ("llm",),
@@ -26,15 +26,7 @@ MISMATCH_KEYS = {"level", "mode", "clip_max", "clip_min"}
 
 
 def validate(cfg) -> None:
-    for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {list(allowed)}")
-    for key in POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    check_ranges(cfg, CHOICES, POSITIVE, NON_NEGATIVE)
     g, t = cfg.generation, cfg.training
     if g.G < 2:
         raise ConfigError(f"generation.G: a group needs at least 2 completions to compare, got {g.G}")

@@ -302,8 +302,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe, apply overrides, build and validate the Config (no model is touched)."""
+def read_recipe(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """A YAML recipe's mapping with ``--set`` overrides applied (both trainers' loaders start here)."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -313,7 +313,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    data = apply_overrides(data, overrides or [])
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return apply_overrides(data, overrides or [])
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe, apply overrides, build and validate the Config (no model is touched)."""
+    data = read_recipe(path, overrides)
     kind = data.pop("trainer", "image")
     if kind != "image":
         raise ConfigError(f"trainer: {kind!r} recipes are read by flowrl.llm.config.load_llm_config (flowrl train "

@@ -17,18 +17,17 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 import rewards as rewards_lib
 from flowrl.sampling import rollout
-from flowrl.train import builders, checkpoint, grouping, guards
+from flowrl.train import builders, checkpoint, grouping, guards, loop
 from flowrl.train.checkpoint import LoopState
 from flowrl.train.config import Config, ConfigError
 from flowrl.train.evaluation import GRID_IMAGES, Evaluator
 from flowrl.train.images import save_grid
 from flowrl.train.objectives import OBJECTIVES
 from flowrl.train.run_folder import RunFolder, check_run_dir
-from flowrl.train.scoring import Scorer, eval_score
+from flowrl.train.scoring import Scorer
 from flowrl.train.setup import build_model
 from flowrl.train.units import aggregation, iteration_costs, micro_batches
 from flowrl.train.weights import WeightViews
@@ -113,52 +112,20 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> str | None:
-        """Iterations from the loop state's to run.iterations, a checkpoint every run.save_every and at the end.
-        A stop signal ends the run after the iteration in progress, with a checkpoint: returns its name then."""
-        c, acc = self.cfg, self.acc
-        start = self.state.iteration
-        bar = tqdm(range(start, c.run.iterations), initial=start, total=c.run.iterations, desc="flowrl train",
-                   disable=not (c.run.progress and acc.is_main_process))
+        """Iterations from the loop state's to run.iterations (flowrl.train.loop): returns the stop signal's name
+        when one ended the run early, with a checkpoint, else None."""
+        return loop.run(self)
+
+    @property
+    def score_weights(self) -> dict:
+        return self.reward.weights
+
+    def begin(self, start: int) -> None:
         self.evaluator.begin(start)
-        stop = guards.StopSignal().install()
-        try:
-            for it in bar:
-                row = self.iteration(it)
-                last = it + 1 == c.run.iterations
-                if c.eval.every and self.eval_set is not None and ((it + 1) % c.eval.every == 0 or last):
-                    row.update(self.evaluate(it))
-                self.rows.append(row)
-                self.folder.append(row)
-                if "loss" in row:
-                    bar.set_postfix(reward=f"{row['reward/mean']:.4f}", loss=f"{row['loss']:.2e}")
-                acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=it)
-                self.state.iteration = it + 1
-                # every process stops at the same one; a signal during the last iteration just lets the run finish
-                stopping = self._any_process(stop.received is not None) and not last
-                failing = self.state.consecutive_skips >= c.training.max_consecutive_skips
-                if stopping or failing or last or (c.run.save_every and (it + 1) % c.run.save_every == 0):
-                    saved = self.folder.save_checkpoint(self.state, it + 1, eval_score(row, self.reward.weights))
-                if failing:
-                    raise guards.TrainingError(
-                        f"{self.state.consecutive_skips} iterations in a row skipped for non-finite values (the "
-                        f"last: {row['skipped']}, prompt ids {row['skipped_prompts']}); the weights of the last "
-                        f"good update are in {saved}")
-                if stopping:
-                    self.stopped = (stop.received or "a stop signal to another process", saved)
-                    acc.wait_for_everyone()
-                    self.folder.reward_curve(self.rows)
-                    acc.end_training()
-                    return self.stopped[0]
-        finally:
-            stop.uninstall()
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self.folder.reward_curve(self.rows)
-            self.evaluator.before_after()
-            self.folder.save_weights(self.views)
-        acc.wait_for_everyone()
-        acc.end_training()
-        return None
+
+    def finish(self) -> None:
+        self.evaluator.before_after()
+        self.folder.save_weights(self.views)
 
     def iteration(self, it: int) -> dict:
         c, acc = self.cfg, self.acc

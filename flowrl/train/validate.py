@@ -44,16 +44,21 @@ def import_reward_modules(modules: list[str]) -> None:
             raise ConfigError(f"rewards.modules[{i}]: cannot import {name!r}: {e}") from None
 
 
-def validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
+def check_ranges(cfg, choices: dict, positive, non_negative) -> None:
+    """Each key's value among its choices, > 0 or >= 0; one ConfigError naming the first that is not."""
+    for key, allowed in choices.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {list(allowed)}")
-    for key in POSITIVE:
+    for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
-    for key in NON_NEGATIVE:
+    for key in non_negative:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+
+
+def validate(cfg: Config) -> None:
+    check_ranges(cfg, CHOICES, POSITIVE, NON_NEGATIVE)
     if not 0 < cfg.training.timestep_fraction <= 1:
         raise ConfigError(f"training.timestep_fraction: must be in (0, 1], got {cfg.training.timestep_fraction}")
     if not 0 <= cfg.finetune.ema_decay < 1:

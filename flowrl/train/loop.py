@@ -1,0 +1,59 @@
+"""The outer loop both trainers share: iterations from the loop state's to run.iterations, evals on schedule, one
+metrics row per iteration, a checkpoint every run.save_every, on a stop signal and at the end, the stop after too
+many skipped iterations in a row. A trainer provides ``iteration(it) -> row``, ``evaluate(it) -> dict``,
+``begin(start)``, ``finish()`` (main process: final outputs) and ``score_weights`` (the reward weights the best
+checkpoint is chosen by), plus cfg, acc, state, rows, folder, eval_set and _any_process."""
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from flowrl.train import guards
+from flowrl.train.scoring import eval_score
+
+
+def run(t) -> str | None:
+    """Train ``t`` to run.iterations. A stop signal ends the run after the iteration in progress, with a
+    checkpoint: returns the signal's name then, else None."""
+    c, acc = t.cfg, t.acc
+    start = t.state.iteration
+    bar = tqdm(range(start, c.run.iterations), initial=start, total=c.run.iterations, desc="flowrl train",
+               disable=not (c.run.progress and acc.is_main_process))
+    t.begin(start)
+    stop = guards.StopSignal().install()
+    try:
+        for it in bar:
+            row = t.iteration(it)
+            last = it + 1 == c.run.iterations
+            if c.eval.every and t.eval_set is not None and ((it + 1) % c.eval.every == 0 or last):
+                row.update(t.evaluate(it))
+            t.rows.append(row)
+            t.folder.append(row)
+            if "loss" in row:
+                bar.set_postfix(reward=f"{row['reward/mean']:.4f}", loss=f"{row['loss']:.2e}")
+            acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=it)
+            t.state.iteration = it + 1
+            # every process stops at the same one; a signal during the last iteration just lets the run finish
+            stopping = t._any_process(stop.received is not None) and not last
+            failing = t.state.consecutive_skips >= c.training.max_consecutive_skips
+            if stopping or failing or last or (c.run.save_every and (it + 1) % c.run.save_every == 0):
+                saved = t.folder.save_checkpoint(t.state, it + 1, eval_score(row, t.score_weights))
+            if failing:
+                raise guards.TrainingError(
+                    f"{t.state.consecutive_skips} iterations in a row skipped for non-finite values (the last: "
+                    f"{row['skipped']}, prompt ids {row['skipped_prompts']}); the weights of the last good update "
+                    f"are in {saved}")
+            if stopping:
+                t.stopped = (stop.received or "a stop signal to another process", saved)
+                acc.wait_for_everyone()
+                t.folder.reward_curve(t.rows)
+                acc.end_training()
+                return t.stopped[0]
+    finally:
+        stop.uninstall()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        t.folder.reward_curve(t.rows)
+        t.finish()
+    acc.wait_for_everyone()
+    acc.end_training()
+    return None
