@@ -265,22 +265,22 @@ def test_balanced_reranging_alternates_signs():
         assert bool((signs > 0).any()) and bool((signs < 0).any())  # every update sees both signs
 
 
-def test_hybrid_sampling_switches_to_the_base_after_n_steps(tmp_path):
-    run = tmp_path / "run"
-    train = subprocess.run([sys.executable, "-m", "flowrl.cli", "train", str(CONFIGS / "tiny_smoke.yaml"), "--set",
-                            "run.iterations=1", "--set", f"run.output_dir={run}", "--set", "run.progress=false",
-                            "--set", "eval.every=0", "--set", "training.lr=0.05"], cwd=ROOT, env=ENV,
-                           capture_output=True, text=True, timeout=600)
-    assert train.returncode == 0, train.stderr[-3000:]
+def test_hybrid_sampling_switches_to_the_base_after_n_steps(tmp_path, capsys, one_thread):
+    """In process (the CLI's main), so seven commands cost one interpreter start."""
     import numpy as np
     from PIL import Image
 
+    from flowrl.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(CONFIGS / "tiny_smoke.yaml"), "--set", "run.iterations=1", "--set",
+                 f"run.output_dir={run}", "--set", "run.progress=false", "--set", "eval.every=0", "--set",
+                 "training.lr=0.05"]) == 0
+
     def sample(name, *extra):
         out = tmp_path / name
-        r = subprocess.run([sys.executable, "-m", "flowrl.cli", "sample", "--model", "tiny:sd3", "--prompt", "a cat",
-                            "--steps", "4", "--max-sequence-length", "16", "--out", str(out), *extra], cwd=ROOT,
-                           env=ENV, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert main(["sample", "--model", "tiny:sd3", "--prompt", "a cat", "--steps", "4", "--max-sequence-length",
+                     "16", "--out", str(out), *extra]) == 0
         return np.asarray(Image.open(out / "0000_00.png"), dtype=np.int16)
 
     lora = ["--lora", str(run / "lora")]
@@ -290,10 +290,10 @@ def test_hybrid_sampling_switches_to_the_base_after_n_steps(tmp_path):
     assert np.array_equal(sample("mix0", *lora, "--mix-steps", "0"), base)
     mixed = sample("mix2", *lora, "--mix-steps", "2")
     assert np.abs(mixed - base).max() > 0 and np.abs(mixed - full).max() > 0
-    bad = subprocess.run([sys.executable, "-m", "flowrl.cli", "sample", "--model", "tiny:sd3", "--prompt", "a",
-                          "--mix-steps", "2", "--out", str(tmp_path / "x")], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode != 0 and "--mix-steps 2: needs --lora" in bad.stderr
+    capsys.readouterr()
+    assert main(["sample", "--model", "tiny:sd3", "--prompt", "a", "--mix-steps", "2", "--out",
+                 str(tmp_path / "x")]) != 0
+    assert "--mix-steps 2: needs --lora" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ 4. recipes

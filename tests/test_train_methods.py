@@ -56,7 +56,11 @@ def _swap(trainer, sets):
 
 def _combinations():
     """Every entry of every registry a recipe names at least once, the loss-shaping ones in full product."""
-    grpo = list(itertools.product(POLICY_LOSSES, [None, *KL_FORMS], AGGREGATION_WEIGHTS))
+    # the losses built for image steps in full product; the token ones image steps can take (cispo) once per
+    # aggregation; sequence-level ones (gspo, gmpo) are refused on images (test_a_plan_...)
+    grpo = list(itertools.product(("clip", "ratio_norm"), [None, *KL_FORMS], AGGREGATION_WEIGHTS))
+    grpo += [("cispo", None, agg) for agg in AGGREGATION_WEIGHTS]
+    assert {n for n, f in POLICY_LOSSES.items() if not f.sequence_level} == {"clip", "ratio_norm", "cispo"}
     chunks = [None, {"name": "fixed", "sizes": [1, 3]}, {"name": "uniform", "size": 2}, {"name": "adaptive"}]
     out = []
     for i, (loss, kl, agg) in enumerate(grpo):
@@ -93,7 +97,8 @@ def test_a_plan_the_objective_cannot_train_is_refused_naming_both():
     for bad, needle in (("training.policy_loss=ppo", "training.policy_loss"), ("training.kl=k9", "training.kl"),
                         ("training.chunks={name: fixed, sizes: [2, 2]}", "training.chunks"),
                         ("training.aggregation=sum", "training.aggregation"),
-                        ("advantages.estimator=rloo", "advantages.estimator"), ("advantages.std=group", "estimator"),
+                        ("advantages.estimator=gae", "advantages.estimator"), ("advantages.std=group", "estimator"),
+                        ("training.policy_loss=gspo", "use training.chunks"),
                         ("training.keep_extremes=3", "keep_extremes")):
         with pytest.raises(ConfigError, match=needle):
             load_config(RECIPE, [bad])
