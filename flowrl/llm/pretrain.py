@@ -24,7 +24,7 @@ MAX_NEW_TOKENS = 5  # the longest answer (4 digits) + </s>
 @dataclass
 class PretrainConfig:
     seed: int = 0
-    steps: int = 1500
+    steps: int = 550               # held-out greedy accuracy rises 3% -> 54% over steps 400-600; 550 gives 34%
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 100
