@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+import flowrl.llm.pretrain as pretrain_module  # noqa: E402
 from flowrl.llm import task  # noqa: E402
 from flowrl.llm.pretrain import PretrainConfig, encode_examples, evaluate, pretrain  # noqa: E402
 from flowrl.llm.tiny import char_tokenizer, tiny_lm  # noqa: E402
@@ -107,3 +108,12 @@ def test_pretraining_is_deterministic():
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     init = tiny_lm(char_tokenizer(), seed=0, hidden=32, layers=1, heads=2).state_dict()
     assert not torch.equal(init["model.embed_tokens.weight"], sd1["model.embed_tokens.weight"])  # it trained
+
+
+def test_target_accuracy_stops_at_the_first_check_that_reaches_it(monkeypatch):
+    accs = iter([0.1, 0.2, 0.35, 0.9])
+    monkeypatch.setattr(pretrain_module, "evaluate", lambda *a, **k: {"accuracy": next(accs)})
+    cfg = PretrainConfig(steps=100, batch=8, hidden=32, layers=1, heads=2, train_size=50, warmup=1,
+                         target_accuracy=0.3, check_every=3, probe_n=10)
+    hist = pretrain(cfg)[2]
+    assert hist["steps"] == 9 and hist["probe"] == [[3, 0.1], [6, 0.2], [9, 0.35]]
