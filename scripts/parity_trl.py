@@ -118,7 +118,7 @@ def main() -> int:
 
     rows = compare()
     print(f"trl {trl.__version__}; batch of {B} completions of lengths 1-8, max_completion_length {L_MAX}, float64")
-    print(f"| case | trl loss | flowrl loss | loss diff | max grad diff |\n|---|---|---|---|---|")
+    print("| case | trl loss | flowrl loss | loss diff | max grad diff |\n|---|---|---|---|---|")
     for name, a, b, d, g in rows:
         print(f"| {name} | {a:+.10f} | {b:+.10f} | {d:.1e} | {g:.1e} |")
     bad = [r[0] for r in rows if r[3] > 1e-6 or r[4] > 1e-6]
