@@ -211,3 +211,25 @@ def test_every_named_part_trains(lm_dir, tmp_path, one_thread, sets, expect):
         assert row["kl"] >= 0  # k3 / k2 are non-negative
     if expect == "is_weight_mean":  # top-k truncates the sampler: weights differ from 1, the ratio does not
         assert 0 < row["is_weight_mean"] and row["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_flowrl_eval_on_a_language_model(lm_dir, tmp_path, capsys, one_thread):
+    """``flowrl eval`` takes a causal LM (a folder, or a peft adapter on one): greedy accuracy, pass@k, and the
+    paired gain over a baseline eval on the same prompts; another prompt set is refused as a baseline."""
+    from flowrl.cli import main
+    from flowrl.llm.cli_eval import is_language_model
+
+    assert is_language_model(str(lm_dir)) and is_language_model("toy:arith") and not is_language_model("tiny:sd3")
+    run = tmp_path / "run"
+    _train(_cfg(lm_dir, run, "finetune.mode=lora", "finetune.lora_rank=4", "run.iterations=1"))
+    prompts = str(ROOT / "flowrl" / "data" / "prompts" / "arith_heldout.jsonl")
+    common = ["--prompts", prompts, "--num-prompts", "12", "--rewards", "exact_answer", "--max-new-tokens", "6"]
+    assert main(["eval", "--model", str(lm_dir), *common, "--num", "3", "--out", str(tmp_path / "base")]) == 0
+    assert "pass@3:" in capsys.readouterr().out
+    assert main(["eval", "--model", str(lm_dir), "--lora", str(run / "lora"), *common, "--out", str(tmp_path / "b"),
+                 "--baseline", str(tmp_path / "base" / "eval.json")]) == 0
+    out = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert len(out["solved"]) == 12 and "gain_over_baseline" in out
+    assert main(["eval", "--model", str(lm_dir), *common[:2], "--num-prompts", "5", *common[4:], "--out",
+                 str(tmp_path / "c"), "--baseline", str(tmp_path / "base" / "eval.json")]) == 2
+    assert "measured on other prompts" in capsys.readouterr().err
