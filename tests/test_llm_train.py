@@ -233,3 +233,20 @@ def test_flowrl_eval_on_a_language_model(lm_dir, tmp_path, capsys, one_thread):
     assert main(["eval", "--model", str(lm_dir), *common[:2], "--num-prompts", "5", *common[4:], "--out",
                  str(tmp_path / "c"), "--baseline", str(tmp_path / "base" / "eval.json")]) == 2
     assert "measured on other prompts" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_skips_the_update_naming_its_prompt(lm_dir, tmp_path, one_thread, monkeypatch):
+    from flowrl import core
+
+    def nan_first(logp, logp_old, adv, *, seq_ids=None, **kw):  # NaN on the first sequence of each micro-batch
+        loss, stats = core.POLICY_LOSSES["clip"](logp, logp_old, adv, seq_ids=seq_ids, **kw)
+        return torch.where(seq_ids == seq_ids.min(), torch.full_like(loss, float("nan")), loss), stats
+
+    nan_first.requires, nan_first.sequence_level = (), False
+    monkeypatch.setitem(core.POLICY_LOSSES, "test_nan_first", nan_first)
+    with pytest.raises(TrainingError, match="1 iterations in a row skipped"):
+        _train(_cfg(lm_dir, tmp_path / "run", "training.policy_loss=test_nan_first", "run.iterations=2",
+                    "training.max_consecutive_skips=1", "training.micro_batch_size=16"))
+    row = _rows(tmp_path / "run")[0]
+    assert row["skipped"] == "loss" and len(row["skipped_prompts"]) == 1  # one micro-batch, one sequence, one prompt
+    assert (tmp_path / "run" / "checkpoints").is_dir()

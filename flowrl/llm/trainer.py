@@ -251,10 +251,10 @@ class LMTrainer:
                                             t.micro_batch_size, self._reference)
                 norm = acc.clip_grad_norm_(self.m.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
                 finite = bool(torch.isfinite(norm)) if norm is not None else guards.grads_finite(self.m.params)
-                if self._any_process(bad > 0 or not finite):
+                if self._any_process(bool(bad) or not finite):
                     self.m.optimizer.zero_grad(set_to_none=True)
-                    ids = sorted(set(gather_object(prompt_ids if bad else [])))
-                    return reduce_stats(self.acc, logs), ("loss" if bad else "gradient", ids)
+                    ids = sorted(set(gather_object([prompt_ids[int(part[i])] for i in bad])))
+                    return reduce_stats(self.acc, logs), ("loss" if ids else "gradient", ids)
                 self.m.optimizer.step()
                 self.m.lr_scheduler.step()
                 self.m.optimizer.zero_grad(set_to_none=True)

@@ -59,8 +59,8 @@ def micro_batch_loss(model, batch, adv, logp_old, seq_ids, cfg, device, referenc
 def backward_update(model, acc, batch, adv, logp_old, seq_ids, cfg, micro_batch_size: int, reference=None):
     """Backpropagate one update's loss over micro-batches of ``micro_batch_size`` sequences (no optimizer step).
 
-    Every process must hold the same number of sequences. Returns (stats lists, number of non-finite per-token
-    losses on this process)."""
+    Every process must hold the same number of sequences. Returns (stats lists, the positions in ``batch`` of the
+    sequences with a non-finite token loss on this process)."""
     t = cfg.training
     mask = batch.completion_mask
     weights, denom = token_weights(mask, seq_ids, t.aggregation, t.norm_len or cfg.model.max_completion_tokens)
@@ -68,7 +68,7 @@ def backward_update(model, acc, batch, adv, logp_old, seq_ids, cfg, micro_batch_
     denom = denom or 1.0
     counts = mask.sum(1).tolist()
     logs: dict[str, list] = {}
-    bad, start, n = 0, 0, len(batch)
+    bad, start, n = [], 0, len(batch)
     for j, lo in enumerate(range(0, n, micro_batch_size)):
         idx = torch.arange(lo, min(lo + micro_batch_size, n))
         last = lo + micro_batch_size >= n
@@ -80,7 +80,8 @@ def backward_update(model, acc, batch, adv, logp_old, seq_ids, cfg, micro_batch_
             w = weights[start:start + k].to(loss)
             start += k
             acc.backward((loss * w).sum() / denom)
-        bad += int((~torch.isfinite(loss.detach())).sum())
+        per_row = torch.split((~torch.isfinite(loss.detach())).cpu(), [counts[i] for i in idx.tolist()])
+        bad += [int(i) for i, r in zip(idx, per_row) if bool(r.any())]
         for key, v in s.items():
             logs.setdefault(key, []).append(v.detach().float().reshape(-1).cpu())
     return logs, bad
