@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "llm_toy_grpo.yaml"
 
 
+def _register_length_reward():
+    """A reward a random model's completions differ on (the checker gives them all 0: no advantage, no update)."""
+    import rewards
+    from rewards.text import TextReward
+
+    @rewards.register("test_length")
+    class Length(TextReward):
+        def score(self, completions, prompts, metadata):
+            return torch.tensor([float(len(c)) for c in completions])
+
+
+_register_length_reward()
+
+
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("lm")
@@ -193,12 +207,16 @@ def test_two_processes_train_together(lm_dir, tmp_path):
 
 
 @pytest.mark.parametrize("sets,expect", [
-    (["training.algorithm=grpo", "training.kl_beta=0.04"], "kl"),  # k3 KL in the loss, adapter-off base
+    # KL in the loss: k3 against the adapter-off base, k2 against a frozen copy; the second update sees a moved
+    # policy, so the KL must be positive (a reference that is the trained model would give exactly 0)
+    (["training.algorithm=grpo", "training.kl_beta=0.04", "training.updates_per_epoch=2", "training.lr=1e-2",
+      "rewards.components=test_length:1.0"], "kl"),
     (["training.algorithm=dr_grpo"], "loss"), (["training.algorithm=gspo", "training.updates_per_epoch=2"], "loss"),
     (["training.algorithm=gmpo"], "loss"), (["training.algorithm=cispo"], "loss"),
     (["training.algorithm=rloo"], "loss"),
-    (["training.algorithm=reinforce_pp_baseline", "finetune.mode=full", "training.kl_beta=0.001"], "kl"),
-    (["training.kl_beta=0.1", "training.kl_in_reward=true", "training.kl=k1"], "loss"),
+    (["training.algorithm=reinforce_pp_baseline", "finetune.mode=full", "training.kl_beta=0.001",
+      "training.updates_per_epoch=2", "training.lr=1e-2", "rewards.components=test_length:1.0"], "kl"),
+    (["training.kl_beta=0.1", "training.kl_in_reward=true", "training.kl=k1", "finetune.mode=full"], "loss"),
     (["generation.mismatch={level: token, mode: truncate, clip_max: 2.0}", "generation.top_k=5"], "is_weight_mean"),
     (["training.mask_truncated=true"], "loss"),
 ], ids=lambda s: " ".join(s) if isinstance(s, list) else s)
@@ -206,9 +224,11 @@ def test_every_named_part_trains(lm_dir, tmp_path, one_thread, sets, expect):
     _train(_cfg(lm_dir, tmp_path / "run", "finetune.mode=lora", "finetune.lora_rank=4", "run.iterations=1", *sets))
     row = _rows(tmp_path / "run")[0]
     assert "skipped" not in row and row["grad_norm"] == row["grad_norm"], row  # an update happened, finite
+    if "rewards.components=test_length:1.0" in sets:
+        assert row["grad_norm"] > 0
     assert expect in row and row[expect] == row[expect]
     if expect == "kl":
-        assert row["kl"] >= 0  # k3 / k2 are non-negative
+        assert row["kl"] > 0
     if expect == "is_weight_mean":  # top-k truncates the sampler: weights differ from 1, the ratio does not
         assert 0 < row["is_weight_mean"] and row["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
 

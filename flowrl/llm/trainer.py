@@ -97,12 +97,15 @@ class LMTrainer:
     def _policy(self):
         return self.acc.unwrap_model(self.m.model)
 
+    @contextlib.contextmanager
     def _reference(self):
-        """A context under which the trained module computes the reference policy's log-probs."""
+        """The module that computes the reference policy's log-probs: the frozen copy (full fine-tuning), or the
+        trained module with its LoRA adapter off."""
         if self.m.reference is not None:
-            ref = self.m.reference
-            return contextlib.nullcontext(ref)
-        return self._policy().disable_adapter()
+            yield self.m.reference
+        else:
+            with self._policy().disable_adapter():
+                yield self.m.model
 
     def evaluate(self, it: int) -> dict:
         if self.eval_set is None or not self.acc.is_main_process:
@@ -228,8 +231,8 @@ class LMTrainer:
     def _kl_penalised(self, scores, mine, logp_old, share, n):
         """The first reward component less beta * sum_t KL_t / its weight, so the weighted reward is r - beta KL."""
         t = self.cfg.training
-        with self._reference():
-            ref = batched_logprobs(self.m.model, mine, self.cfg.generation.temperature, self.acc.device,
+        with self._reference() as reference:
+            ref = batched_logprobs(reference, mine, self.cfg.generation.temperature, self.acc.device,
                                    t.micro_batch_size)
         full = torch.zeros(n)
         full[share] = sequence_kl(logp_old, ref, mine.completion_mask, t.kl)

@@ -28,7 +28,8 @@ def micro_batch_loss(model, batch, adv, logp_old, seq_ids, cfg, device, referenc
     """Per-token losses of one micro-batch (flattened valid tokens, in row order) and detached stats.
 
     ``logp_old``: (n, Lc) log-probs of the policy that sampled (None: on-policy, the current ones detached);
-    ``reference``: a context manager factory under which ``model`` is the reference policy (KL in the loss)."""
+    ``reference``: a context manager factory yielding the module that computes the reference policy's log-probs
+    (KL in the loss)."""
     t, g = cfg.training, cfg.generation
     logp, entropy = token_logprobs(model, batch, g.temperature, device, entropy=True)
     mask = batch.completion_mask.to(device).bool()
@@ -48,8 +49,8 @@ def micro_batch_loss(model, batch, adv, logp_old, seq_ids, cfg, device, referenc
         loss = loss * w
         stats.update({k: v.reshape(1) for k, v in ws.items()})
     if t.kl_beta > 0 and not t.kl_in_reward:
-        with torch.no_grad(), reference():
-            ref = token_logprobs(model, batch, g.temperature, device)
+        with torch.no_grad(), reference() as reference_model:
+            ref = token_logprobs(reference_model, batch, g.temperature, device)
         kl = KL_FORMS[t.kl](logp=logp_u, logp_ref=ref[mask], mean=None, mean_ref=None, std=None, h=None)
         loss = loss + t.kl_beta * kl
         stats["kl"] = kl.detach()
