@@ -119,6 +119,9 @@ def test_rollout_log_probs_are_what_training_computes(lm_dir, one_thread):
 
     tok = load_tokenizer(str(lm_dir))
     model = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    # a model's own generation defaults must not change the sampling policy (Qwen's file sets top_k, top_p and a
+    # repetition penalty): the rollout builds its whole generation config
+    model.generation_config.top_k, model.generation_config.repetition_penalty = 2, 3.0
     texts = ["1+2=", "123+456=", "9+99="]  # unequal prompt lengths: left padding must not shift positions
     for gen in (GenerationConfig(G=3), GenerationConfig(G=3, temperature=0.6)):
         batch = rollout(model, tok, texts, 3, gen, 6, seed=0, iteration=0, rank=0)

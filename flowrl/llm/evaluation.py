@@ -10,7 +10,7 @@ import math
 import torch
 
 from flowrl.llm.model import format_prompts
-from flowrl.llm.rollout import completion_mask
+from flowrl.llm.rollout import completion_mask, sampling_config
 
 SOLVED = 1 - 1e-6
 
@@ -31,9 +31,8 @@ def complete(model, tokenizer, texts: list[str], max_new: int, device, *, sample
         mask = enc["attention_mask"].repeat_interleave(k, 0).to(device)
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed + start)
-            kw = {"do_sample": True, "temperature": temperature, "top_k": None} if sample else {"do_sample": False}
-            seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw)
+            config = sampling_config(tokenizer, max_new, temperature if sample else None)
+            seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         completion = seq[:, ids.shape[1]:].cpu()
         cmask, truncated = completion_mask(completion, tokenizer.eos_token_id)
         outs += tokenizer.batch_decode(completion, skip_special_tokens=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import GenerationConfig
 
 from flowrl.sampling.seeding import derive_seed
 
@@ -73,6 +74,18 @@ def completion_mask(completion_ids: Tensor, eos_id: int) -> tuple[Tensor, Tensor
     return (pos[None] <= first[:, None]).long(), ~has_eos
 
 
+def sampling_config(tokenizer, max_new: int, temperature: float | None = None, top_p: float = 1.0,
+                    top_k: int = 0) -> GenerationConfig:
+    """The whole generation config, built here: a model's own generation_config.json (Qwen's sets top_p 0.8,
+    top_k 20, repetition_penalty 1.05) would otherwise change the sampling policy behind the trainer's back.
+    ``temperature=None``: greedy."""
+    common = {"max_new_tokens": max_new, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "repetition_penalty": 1.0}
+    if temperature is None:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
+
+
 def generate(model, tokenizer, texts: list[str], prompt_index: list[int], G: int, gen, max_new: int, seed: int,
              device) -> TextBatch:
     """G sampled completions per text with transformers ``generate`` (``gen``: the generation section)."""
@@ -81,10 +94,9 @@ def generate(model, tokenizer, texts: list[str], prompt_index: list[int], G: int
     mask = enc["attention_mask"].repeat_interleave(G, 0).to(device)
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=gen.temperature,
-                             top_p=gen.top_p, top_k=gen.top_k or None, max_new_tokens=max_new,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             return_dict_in_generate=True, output_scores=True)
+        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True,
+                             generation_config=sampling_config(tokenizer, max_new, gen.temperature, gen.top_p,
+                                                               gen.top_k))
     completion = out.sequences[:, ids.shape[1]:]
     cmask, truncated = completion_mask(completion, tokenizer.eos_token_id)
     # the sampler's distribution: scores after temperature and top-k / top-p, one (N, V) per generated position
