@@ -222,6 +222,7 @@ def test_two_processes_train_together(lm_dir, tmp_path):
     (["training.kl_beta=0.1", "training.kl_in_reward=true", "training.kl=k1", "finetune.mode=full"], "loss"),
     (["generation.mismatch={level: token, mode: truncate, clip_max: 2.0}", "generation.top_k=5"], "is_weight_mean"),
     (["training.mask_truncated=true"], "loss"),
+    (["finetune.gradient_checkpointing=true", "rewards.components=test_length:1.0"], "loss"),  # LoRA grads flow
 ], ids=lambda s: " ".join(s) if isinstance(s, list) else s)
 def test_every_named_part_trains(lm_dir, tmp_path, one_thread, sets, expect):
     _train(_cfg(lm_dir, tmp_path / "run", "finetune.mode=lora", "finetune.lora_rank=4", "run.iterations=1", *sets))

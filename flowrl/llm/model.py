@@ -99,8 +99,8 @@ def build_lm(cfg, acc) -> LMModel:
         model.float().requires_grad_(True)
         if t.kl_beta > 0:
             reference = copy.deepcopy(model).requires_grad_(False)
-    if f.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if f.gradient_checkpointing:  # non-reentrant: with LoRA the checkpointed blocks' inputs need no grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(params, t, cfg.run.iterations)
     wrapped, optimizer = acc.prepare(model, optimizer)
