@@ -156,7 +156,7 @@ def test_bad_input_fails_before_generation(lm_dir, tmp_path, one_thread):
     with pytest.raises(ConfigError, match="generation.G: a group needs at least 2"):
         _cfg(lm_dir, tmp_path / "f", "generation.G=1")
     for run in "abcd":
-        assert not (tmp_path / run / "checkpoints").exists()
+        assert not (tmp_path / run).exists()  # refused before a run folder was made
 
 
 def test_bad_reward_output_is_named_or_skipped(lm_dir, tmp_path, one_thread, monkeypatch):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from flowrl.train.config import ConfigError
 from flowrl.train.setup import optimizer_and_schedule
@@ -53,17 +53,13 @@ def format_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[s
             for p in prompts]
 
 
-def check_prompt_lengths(tokenizer, texts: list[str], limit: int, where: str, context: int | None = None) -> None:
-    """Every prompt within ``model.max_prompt_tokens`` and the model's context: else one error naming the first."""
-    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-    for i, n in enumerate(lengths):
-        if n > limit:
-            raise ConfigError(f"{where}: prompt {i} has {n} tokens, above model.max_prompt_tokens ({limit}): "
+def check_prompt_lengths(tokenizer, texts: list[str], limit: int, where: str) -> None:
+    """Every prompt within ``model.max_prompt_tokens`` (which with the completion budget fits the model's
+    context): else one error naming the first that does not."""
+    for i, ids in enumerate(tokenizer(texts)["input_ids"]):
+        if len(ids) > limit:
+            raise ConfigError(f"{where}: prompt {i} has {len(ids)} tokens, above model.max_prompt_tokens ({limit}): "
                               f"{texts[i][:80]!r}")
-    if context is not None and max(lengths, default=0) > context:
-        i = max(range(len(lengths)), key=lengths.__getitem__)
-        raise ConfigError(f"{where}: prompt {i} and its completion need more than the model's context of {context} "
-                          "tokens")
 
 
 @dataclass
@@ -78,16 +74,27 @@ class LMModel:
     context: int | None         # the model's maximum positions
 
 
-def build_lm(cfg, acc) -> LMModel:
-    set_seed(cfg.run.seed)  # LoRA's initialisation draws from the global generators
-    m, f, t = cfg.model, cfg.finetune, cfg.training
+def preflight(cfg, prompt_sets: dict):
+    """What can be checked from the small files alone, before a run folder or a model exists: the tokenizer, the
+    budget against the model's context, every prompt's length. Returns (tokenizer, the model's context)."""
+    m = cfg.model
     tokenizer = load_tokenizer(m.path, m.chat_template)
-    model = AutoModelForCausalLM.from_pretrained(resolve(m.path), dtype=DTYPES[m.dtype]).to(acc.device)
-    model.eval()  # dropout off: the recomputed log-probs must be the rollout's
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = getattr(AutoConfig.from_pretrained(resolve(m.path)), "max_position_embeddings", None)
     if context is not None and m.max_prompt_tokens + m.max_completion_tokens > context:
         raise ConfigError(f"model.max_prompt_tokens + model.max_completion_tokens = "
                           f"{m.max_prompt_tokens + m.max_completion_tokens} exceeds the model's context ({context})")
+    for key, prompts in prompt_sets.items():
+        if prompts is not None:
+            check_prompt_lengths(tokenizer, format_prompts(tokenizer, prompts, m.chat_template), m.max_prompt_tokens,
+                                 key)
+    return tokenizer, context
+
+
+def build_lm(cfg, acc, tokenizer, context: int | None) -> LMModel:
+    set_seed(cfg.run.seed)  # LoRA's initialisation draws from the global generators
+    m, f, t = cfg.model, cfg.finetune, cfg.training
+    model = AutoModelForCausalLM.from_pretrained(resolve(m.path), dtype=DTYPES[m.dtype]).to(acc.device)
+    model.eval()  # dropout off: the recomputed log-probs must be the rollout's
     lora_config, reference = None, None
     if f.mode == "lora":
         model.requires_grad_(False)

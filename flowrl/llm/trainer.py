@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 import rewards as rewards_lib
 from flowrl.core import group_stats
 from flowrl.llm import evaluation
 from flowrl.llm import rollout as lm_rollout
-from flowrl.llm.model import build_lm, check_prompt_lengths, format_prompts
+from flowrl.llm.model import build_lm, format_prompts, preflight
 from flowrl.llm.run_folder import LMRunFolder
 from flowrl.llm.update import backward_update, batched_logprobs, reduce_stats, sequence_kl
 from flowrl.sampling.seeding import derive_seed
@@ -62,25 +61,13 @@ class LMTrainer:
         self.metric = c.eval.metric or self.reward.names[0]
         if self.metric not in self.reward.names:
             raise ConfigError(f"eval.metric: {self.metric!r} is not one of the reward components {self.reward.names}")
-        self.acc = acc = Accelerator(mixed_precision=c.run.mixed_precision, log_with="tensorboard",
-                                     project_dir=str(self.run_dir), cpu=not torch.cuda.is_available())
-        W = acc.num_processes
-        if c.data.prompts_per_iteration % W:
-            raise ConfigError(f"data.prompts_per_iteration ({c.data.prompts_per_iteration}) must divide by the "
-                              f"number of processes ({W}): every process takes whole prompt groups")
-        if saved is not None and saved["world_size"] != W:
-            raise ConfigError(f"--resume: {resume.path} was written by {saved['world_size']} process(es), this run "
-                              f"has {W}")
-        self.folder = LMRunFolder(c, acc, self.run_dir)
-        self.folder.start(resume.notes if resume else [])
-        acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": saved["iteration"]}} if saved else None)
+        # tokenizer, context and every prompt's length checked before the run folder or the model exist
+        self.tok, context = preflight(c, {"data.train_prompts": self.train_set.prompts,
+                                          "data.eval_prompts": self.eval_set.prompts if self.eval_set else None})
+        self.acc, self.folder = loop.start(c, resume, LMRunFolder, self.run_dir)
+        acc = self.acc
         self.state, self.rows, self.stopped = LoopState(), [], None
-        self.m = m = build_lm(c, acc)
-        self.tok = m.tokenizer
-        for key, prompts in (("data.train_prompts", self.train_set), ("data.eval_prompts", self.eval_set)):
-            if prompts is not None:  # every prompt fits, before anything is generated
-                check_prompt_lengths(self.tok, format_prompts(self.tok, prompts.prompts, c.model.chat_template),
-                                     c.model.max_prompt_tokens, key)
+        self.m = m = build_lm(c, acc, self.tok, context)
         self.scorer = Scorer(c, acc, self.reward, self._warn)
         self.folder.hold(m, [m.lr_scheduler, self.state, self.scorer.tracker])
         if resume is not None:

@@ -5,10 +5,35 @@ many skipped iterations in a row. A trainer provides ``iteration(it) -> row``, `
 checkpoint is chosen by), plus cfg, acc, state, rows, folder, eval_set and _any_process."""
 from __future__ import annotations
 
+import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from flowrl.train import guards
+from flowrl.train.config import ConfigError
 from flowrl.train.scoring import eval_score
+
+
+def start(cfg, resume, folder_cls, run_dir):
+    """The accelerator, the run folder (config written, resume notes said) and the trackers, after the checks a
+    process count must pass. Both trainers start here. Returns (accelerator, folder)."""
+    saved = resume.info if resume else None
+    # without CUDA, accelerate only forms a (gloo) process group when told it runs on CPU; otherwise each
+    # launched process silently trains alone
+    acc = Accelerator(mixed_precision=cfg.run.mixed_precision, log_with="tensorboard", project_dir=str(run_dir),
+                      cpu=not torch.cuda.is_available())
+    W = acc.num_processes
+    if cfg.data.prompts_per_iteration % W:
+        raise ConfigError(f"data.prompts_per_iteration ({cfg.data.prompts_per_iteration}) must divide by the "
+                          f"number of processes ({W}): every process takes whole prompt groups")
+    if saved is not None and saved["world_size"] != W:
+        raise ConfigError(f"--resume: {resume.path} was written by {saved['world_size']} process(es), this run "
+                          f"has {W}: each process's random state is in the checkpoint, so the number must stay")
+    folder = folder_cls(cfg, acc, run_dir)
+    folder.start(resume.notes if resume else [])
+    # a resumed run's TensorBoard hides the events a crash left beyond the checkpoint
+    acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": saved["iteration"]}} if saved else None)
+    return acc, folder
 
 
 def run(t) -> str | None:

@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 import rewards as rewards_lib
 from flowrl.sampling import rollout
 from flowrl.train import builders, checkpoint, grouping, guards, loop
 from flowrl.train.checkpoint import LoopState
-from flowrl.train.config import Config, ConfigError
+from flowrl.train.config import Config
 from flowrl.train.evaluation import GRID_IMAGES, Evaluator
 from flowrl.train.images import save_grid
 from flowrl.train.objectives import OBJECTIVES
@@ -53,22 +52,9 @@ class Trainer:
         self.prompt_weights = (builders.balance_weights(self.train_set.metadata, c.data.balance_key,
                                                         c.data.balance_weights) if c.data.balance_key else None)
         self.reward = rewards_lib.MultiReward(c.rewards.components, c.rewards.kwargs)
-        # without CUDA, accelerate only forms a (gloo) process group when told it runs on CPU; otherwise each
-        # launched process silently trains alone
-        self.acc = acc = Accelerator(mixed_precision=c.run.mixed_precision, log_with="tensorboard",
-                                     project_dir=str(self.run_dir), cpu=not torch.cuda.is_available())
+        self.acc, self.folder = loop.start(c, resume, RunFolder, self.run_dir)
+        acc = self.acc
         self.kernel, self.plan, self.schedule, self.post_window = builders.make_sampler(c, acc.process_index)
-        W = acc.num_processes
-        if c.data.prompts_per_iteration % W:
-            raise ConfigError(f"data.prompts_per_iteration ({c.data.prompts_per_iteration}) must divide by the "
-                              f"number of processes ({W}): every process takes whole prompt groups")
-        if saved is not None and saved["world_size"] != W:
-            raise ConfigError(f"--resume: {resume.path} was written by {saved['world_size']} process(es), this run "
-                              f"has {W}: each process's random state is in the checkpoint, so the number must stay")
-        self.folder = RunFolder(c, acc, self.run_dir)
-        self.folder.start(resume.notes if resume else [])
-        # a resumed run's TensorBoard hides the events a crash left beyond the checkpoint
-        acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": saved["iteration"]}} if saved else None)
         self.state, self.rows, self.stopped = LoopState(), [], None  # stopped: (signal, checkpoint)
         m = build_model(c, acc, builders.model_family(c.model.path))
         self.pipe, self.policy, self.model, self.params = m.pipe, m.policy, m.model, m.params
