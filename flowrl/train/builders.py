@@ -179,3 +179,12 @@ def prompt_indices(seed: int, iteration: int, total: int, n: int, weights: torch
         return torch.multinomial(weights, n, replacement=n > total, generator=g).tolist()
     perms = [torch.randperm(total, generator=g) for _ in range(math.ceil(n / total))]
     return torch.cat(perms)[:n].tolist()
+
+
+def prompt_sets(cfg):
+    """A run's training prompts, eval prompts (or None) and balanced sampling weights (or None): both trainers'."""
+    d = cfg.data
+    train = load_prompts(d.train_prompts)
+    evals = load_prompts(d.eval_prompts, "data.eval_prompts") if d.eval_prompts else None
+    weights = balance_weights(train.metadata, d.balance_key, d.balance_weights) if d.balance_key else None
+    return train, evals, weights

@@ -47,10 +47,7 @@ class Trainer:
         self.run_dir = Path(c.run.output_dir)
         if resume is None:
             check_run_dir(self.run_dir)
-        self.train_set = builders.load_prompts(c.data.train_prompts)
-        self.eval_set = builders.load_prompts(c.data.eval_prompts, "data.eval_prompts") if c.data.eval_prompts else None
-        self.prompt_weights = (builders.balance_weights(self.train_set.metadata, c.data.balance_key,
-                                                        c.data.balance_weights) if c.data.balance_key else None)
+        self.train_set, self.eval_set, self.prompt_weights = builders.prompt_sets(c)
         self.reward = rewards_lib.MultiReward(c.rewards.components, c.rewards.kwargs)
         self.acc, self.folder = loop.start(c, resume, RunFolder, self.run_dir)
         acc = self.acc
