@@ -1,4 +1,4 @@
-"""``flowrl train | plan | sample | eval``.
+"""``flowrl train | plan | sample | eval | bench``.
 
 Config and input errors are reported as one line (``flowrl: error: ...``) before any model is loaded.
 """
@@ -44,28 +44,6 @@ def _train(args) -> None:
           f"metrics.jsonl, {'' if llm else 'samples/, '}checkpoints/, reward_curve.png)")
 
 
-def _load_policy(args):
-    """A pipeline from --model (folder, hub id or tiny:<family>), with --lora applied the plain-diffusers way."""
-    import torch
-
-    from flowrl.models import DTYPES, load_pipeline, policy_from_pipeline
-    from flowrl.train.builders import model_family
-    from flowrl.train.config import ConfigError
-
-    family = model_family(args.model)
-    if args.mix_steps is not None and (not args.lora or not 0 <= args.mix_steps <= args.steps):
-        raise ConfigError(f"--mix-steps {args.mix_steps}: needs --lora and 0 <= N <= --steps ({args.steps}): the "
-                          "first N steps sample with the LoRA, the rest with the base")
-    if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-        raise ConfigError(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors")
-    pipe = load_pipeline(args.model, DTYPES[args.dtype])
-    if args.lora:
-        pipe.load_lora_weights(args.lora)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu")  # weights already in --dtype
-    kw = {} if family == "sd" else {"max_sequence_length": args.max_sequence_length}
-    return policy_from_pipeline(pipe, **kw), family
-
-
 def _prompts(args):
     from flowrl.train.builders import load_prompts
 
@@ -76,35 +54,13 @@ def _prompts(args):
     return ps.prompts[:n], ps.metadata[:n]
 
 
-def _sample_images(policy, family, prompts, args, per_prompt: int, sde: bool):
-    import torch
-
-    from flowrl.sampling import Constant, DDIMEta, Flat, FlowSDE, rollout
-
-    kernel = DDIMEta(eta=1.0) if family == "sd" else FlowSDE(a=args.noise_level)
-    before_step = None
-    if args.mix_steps is not None:  # MixGRPO's hybrid sampling: the trained LoRA for the first steps, then the base
-        pipe = policy.pipe
-        before_step = lambda k: pipe.enable_lora() if k < args.mix_steps else pipe.disable_lora()  # noqa: E731
-    images = []
-    for i in range(0, len(prompts), args.batch_size):
-        chunk = prompts[i:i + args.batch_size]
-        forest = rollout(policy, chunk, plan=Flat(per_prompt), kernel=kernel,
-                         schedule=Constant(1.0 if sde else 0.0), num_steps=args.steps,
-                         guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
-                         prompt_ids=list(range(i, i + len(chunk))), before_step=before_step)
-        images.append(policy.decode(forest.latents[forest.leaves()]))
-    if before_step is not None:
-        policy.pipe.enable_lora()
-    return torch.cat(images)
-
-
 def _sample(args) -> None:
+    from flowrl.bench.sampling import load_policy, sample_images
     from flowrl.train.images import save_grid
 
     prompts, _ = _prompts(args)
-    policy, family = _load_policy(args)
-    images = _sample_images(policy, family, prompts, args, args.num, args.sde)
+    policy, family = load_policy(args)
+    images = sample_images(policy, family, prompts, args, args.num, args.sde)
     out = Path(args.out)
     grid = save_grid(images, out / "grid.png", cols=args.num if args.num > 1 else 8)
     from PIL import Image
@@ -118,6 +74,8 @@ def _eval(args) -> None:
     import torch
 
     import rewards
+    from flowrl.bench.sampling import load_policy, sample_images
+    from flowrl.bench.stats import category_stats, paired_gains
 
     if args.baseline_differs and not args.baseline:
         raise ValueError("--baseline-differs needs --baseline (the eval.json it differs from)")
@@ -129,8 +87,8 @@ def _eval(args) -> None:
     reward = rewards.MultiReward(args.rewards, json.loads(args.reward_kwargs) if args.reward_kwargs else None)
     expanded = [p for p in prompts for _ in range(args.num)]
     baseline = _load_baseline(args.baseline, expanded, args) if args.baseline else None  # before any sampling
-    policy, family = _load_policy(args)
-    images = _sample_images(policy, family, prompts, args, args.num, sde=False)
+    policy, family = load_policy(args)
+    images = sample_images(policy, family, prompts, args, args.num, sde=False)
     meta = [m for m in metadata for _ in range(args.num)]
     groups = torch.arange(len(prompts)).repeat_interleave(args.num)  # a prompt's images: one group (pairwise)
     all_scores = reward(images, expanded, meta, groups=groups)
@@ -213,56 +171,6 @@ def _load_baseline(path: str, expanded: list[str], args) -> dict:
     return base
 
 
-def paired_gains(scores: dict, baseline: dict, prompts: list[str], tags: list[str] | None) -> dict:
-    """Mean score differences against a baseline scored on the same prompts and seeds, per category (when
-    ``tags``) and overall (GenEval's mean of category means). Standard errors are clustered by prompt: a
-    prompt's images share its difficulty, so they are not independent draws."""
-    import torch
-
-    keys = [k for k in scores if k in baseline]
-    index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-    pid = torch.tensor([index[p] for p in prompts])
-    cats = sorted(set(tags)) if tags else ["all"]
-    labels = tags if tags else ["all"] * len(prompts)
-
-    def stats(d: torch.Tensor, mask: torch.Tensor) -> dict:
-        ids, inverse = torch.unique(pid[mask], return_inverse=True)
-        per_prompt = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, d[mask])
-        per_prompt /= torch.bincount(inverse, minlength=len(ids)).double()
-        se = float(per_prompt.std() / len(ids) ** 0.5) if len(ids) > 1 else 0.0
-        return {"gain": float(d[mask].mean()), "stderr": se, "prompts": len(ids)}
-
-    out = {}
-    for c in cats:
-        mask = torch.tensor([t == c for t in labels])
-        out[c] = {k: stats(scores[k].double() - baseline[k].double(), mask) for k in keys}
-    out["overall"] = {k: {"gain": sum(out[c][k]["gain"] for c in cats) / len(cats),
-                          "stderr": sum(out[c][k]["stderr"] ** 2 for c in cats) ** 0.5 / len(cats),
-                          "prompts": len(index)} for k in keys}
-    return out
-
-
-def category_stats(scores: dict, tags: list[str]) -> dict:
-    """Per-category mean and standard error of every score, and GenEval's overall figure: the mean of the
-    category means, its standard error combined from the categories' (images treated as independent)."""
-    import torch
-
-    cats = sorted(set(tags))
-    out = {}
-    for c in cats:
-        mask = torch.tensor([t == c for t in tags])
-        out[c] = {"n": int(mask.sum())}
-        for name, v in scores.items():
-            x = v[mask].double()
-            out[c][name] = {"mean": float(x.mean()), "stderr": float(x.std() / len(x) ** 0.5) if len(x) > 1 else 0.0}
-    overall = {"n": len(tags)}
-    for name in scores:
-        overall[name] = {"mean": sum(out[c][name]["mean"] for c in cats) / len(cats),
-                         "stderr": sum(out[c][name]["stderr"] ** 2 for c in cats) ** 0.5 / len(cats)}
-    out["overall (mean of categories)"] = overall
-    return out
-
-
 def _plan(args) -> None:
     from flowrl.train.config import load_config
     from flowrl.train.dry_run import report
@@ -270,19 +178,15 @@ def _plan(args) -> None:
     print(report(load_config(args.config, args.set), args.iterations))
 
 
-def _common(p):
+def sampling_options(p) -> None:
+    """The options that decide a sample: model, weights, sampler settings, seed (flowrl sample, eval, bench)."""
     p.add_argument("--model", required=True, help="diffusers folder, hub id, toy:shapes (the shipped "
                    "shapes-world base) or tiny:<sd3|flux|sd>")
     p.add_argument("--lora", default=None, help="a LoRA folder (e.g. RUN_DIR/lora), loaded with load_lora_weights")
     p.add_argument("--mix-steps", type=int, default=None, metavar="N", help="hybrid sampling (MixGRPO's released "
                    "model): the first N steps with --lora, the rest with the base weights")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--prompts", default=None, help=".txt or .jsonl prompt file")
-    p.add_argument("--num-prompts", type=int, default=0, help="first N prompts of the file (0: all)")
-    p.add_argument("--num", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--guidance", type=float, default=4.5)
-    p.add_argument("--noise-level", type=float, default=0.7, help="SDE noise level a (with --sde)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -290,6 +194,15 @@ def _common(p):
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-sequence-length", type=int, default=256)
     p.add_argument("--out", required=True)
+
+
+def _common(p):
+    sampling_options(p)
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompts", default=None, help=".txt or .jsonl prompt file, or a shipped set: prompts:<name>")
+    p.add_argument("--num-prompts", type=int, default=0, help="first N prompts of the file (0: all)")
+    p.add_argument("--num", type=int, default=1, help="images per prompt")
+    p.add_argument("--noise-level", type=float, default=0.7, help="SDE noise level a (with --sde)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chat-template", action="store_true", help="language models: prompts as one user message "
                    "through the tokenizer's chat template")
     e.set_defaults(fn=_eval)
+    from flowrl.bench.cli import add_bench_parser
+
+    add_bench_parser(sub, sampling_options, SAMPLER_SETTINGS)
     return ap
 
 

@@ -39,6 +39,7 @@ THRESHOLD = 0.3            # detection confidence kept
 COUNTING_THRESHOLD = 0.9   # ... for the counting tag, where a spurious box flips the verdict
 MAX_OBJECTS = 16           # per class
 POSITION_THRESHOLD = 0.1   # relative margin of the relation test
+MAX_OVERLAP = 1.0          # same-class IoU at which a less confident box is dropped (1: none is)
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 
 
@@ -57,12 +58,30 @@ def relation(box_a: Sequence[float], box_b: Sequence[float], margin: float = POS
                                    ("below", dy > 0.5)) if hit}
 
 
-def keep_detections(raw: dict[str, list], tag: str) -> dict[str, list]:
-    """GenEval's filter: confidence above the (tag's) threshold, most confident first, at most MAX_OBJECTS."""
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU in GenEval's pixel convention: a box [x1, y1, x2, y2] covers (x2 - x1 + 1) x (y2 - y1 + 1) pixels."""
+    def area(x1, y1, x2, y2):
+        return max(x2 - x1 + 1, 0) * max(y2 - y1 + 1, 0)
+
+    inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    union = area(*a[:4]) + area(*b[:4]) - inter
+    return inter / union if union else 0.0
+
+
+def keep_detections(raw: dict[str, list], tag: str, max_overlap: float = MAX_OVERLAP) -> dict[str, list]:
+    """GenEval's filter: confidence above the (tag's) threshold, most confident first, at most MAX_OBJECTS, then
+    (``max_overlap`` < 1, GenEval's ``max_overlap`` option) a greedy suppression of boxes overlapping a kept one
+    of the same class at IoU >= max_overlap. At GenEval's default 1.0 overlapping boxes all count."""
     threshold = COUNTING_THRESHOLD if tag == "counting" else THRESHOLD
     out = {}
     for name, dets in raw.items():
-        kept = sorted((d for d in dets if float(d[1]) > threshold), key=lambda d: -float(d[1]))[:MAX_OBJECTS]
+        ranked = sorted((d for d in dets if float(d[1]) > threshold), key=lambda d: -float(d[1]))[:MAX_OBJECTS]
+        kept = []
+        while ranked:
+            best = ranked.pop(0)
+            kept.append(best)
+            if max_overlap < 1:
+                ranked = [d for d in ranked if box_iou(best[0], d[0]) < max_overlap]
         if kept:
             out[name] = [(np.asarray(d[0], dtype=float)[:4], d[2] if len(d) > 2 else None) for d in kept]
     return out
@@ -119,7 +138,11 @@ class GenEvalScorer:
 
     def __init__(self, detector: Callable | None = None, color_classifier: Callable | None = None, *,
                  config: str | None = None, checkpoint: str | None = None, class_names: str | None = None,
-                 clip_arch: str = "ViT-L-14", clip_pretrained: str = "openai", device: str = "cuda"):
+                 clip_arch: str = "ViT-L-14", clip_pretrained: str = "openai", device: str = "cuda",
+                 max_overlap: float = MAX_OVERLAP):
+        if not 0 < max_overlap <= 1:
+            raise ValueError(f"GenEvalScorer: max_overlap must be in (0, 1], got {max_overlap!r}")
+        self.max_overlap = max_overlap
         if detector is None:
             if not (config and checkpoint):
                 raise ValueError("GenEvalScorer: give a detector callable, or config and checkpoint for mmdet")
@@ -137,7 +160,7 @@ class GenEvalScorer:
             raise ValueError(f"detector returned {len(detections)} results for {len(images)} images")
         scores, correct = [], []
         for image, raw, meta in zip(images, detections, metadata):
-            g = grade(keep_detections(raw, meta["tag"]), meta,
+            g = grade(keep_detections(raw, meta["tag"], self.max_overlap), meta,
                       lambda objs, name, image=image: list(self.color_classifier(image, objs, name)))
             scores.append(g["score"])
             correct.append(float(g["correct"]))
@@ -239,5 +262,6 @@ class ClipColorClassifier:
         return [COLORS[i] for i in logits.argmax(1).tolist()]
 
 
-__all__ = ["COLORS", "COUNTING_THRESHOLD", "MAX_OBJECTS", "POSITION_THRESHOLD", "THRESHOLD", "ClipColorClassifier",
-           "GenEvalScorer", "MMDetDetector", "grade", "keep_detections", "relation", "toy_scorer"]
+__all__ = ["COLORS", "COUNTING_THRESHOLD", "MAX_OBJECTS", "MAX_OVERLAP", "POSITION_THRESHOLD", "THRESHOLD",
+           "ClipColorClassifier", "GenEvalScorer", "MMDetDetector", "box_iou", "grade", "keep_detections", "relation",
+           "toy_scorer"]

@@ -35,7 +35,7 @@ def test_missing_lora_is_one_clear_error(tmp_path, capsys):
 def test_paired_gains_match_a_hand_computation():
     import torch
 
-    from flowrl.cli import paired_gains
+    from flowrl.bench.stats import paired_gains
 
     # two categories; prompts a, b in "x" (2 images each), c in "y" (2 images)
     prompts = ["a", "a", "b", "b", "c", "c"]

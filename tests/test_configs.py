@@ -27,14 +27,12 @@ PROMPTS = REPO / "flowrl" / "data" / "prompts"
 
 # Training sets flowrl does not ship. Only the test splits are in the package, and training on them would leak.
 # recipe -> (the path the recipe names, a shipped file of the same format that stands in for validation)
+# recipe value (relative to configs/), the stand-in tests train on instead (a shipped set)
 USER_PROVIDED_TRAIN = {
-    "sd3_flowgrpo_geneval.yaml": ("data/geneval/train_metadata.jsonl",
-                                  "flowrl/data/prompts/geneval_test_metadata.jsonl"),
-    "sd3_flowgrpo_ocr.yaml": ("data/ocr/train.txt", "flowrl/data/prompts/ocr_test.txt"),
-    "sd3_grpo_guard_geneval.yaml": ("data/geneval/train_metadata.jsonl",
-                                    "flowrl/data/prompts/geneval_test_metadata.jsonl"),
-    "sd3_tempflow_geneval.yaml": ("data/geneval/train_metadata.jsonl",
-                                  "flowrl/data/prompts/geneval_test_metadata.jsonl"),
+    "sd3_flowgrpo_geneval.yaml": ("../data/geneval/train_metadata.jsonl", "prompts:geneval_test_metadata"),
+    "sd3_flowgrpo_ocr.yaml": ("../data/ocr/train.txt", "prompts:ocr_test"),
+    "sd3_grpo_guard_geneval.yaml": ("../data/geneval/train_metadata.jsonl", "prompts:geneval_test_metadata"),
+    "sd3_tempflow_geneval.yaml": ("../data/geneval/train_metadata.jsonl", "prompts:geneval_test_metadata"),
 }
 
 EXPECTED_RECIPES = {"tiny_smoke.yaml", "sd3_flowgrpo_pickscore.yaml", "sd3_flowgrpo_geneval.yaml",
@@ -159,9 +157,9 @@ def test_user_provided_train_sets_fail_clearly(name, in_repo):
     expected, _ = USER_PROVIDED_TRAIN[name]
     raw = _raw(path)
     assert raw["data"]["train_prompts"] == expected
-    assert not expected.startswith("flowrl/")  # not shipped in the package
+    assert not expected.startswith("prompts:")  # not shipped in the package
     assert raw["data"]["train_prompts"] != raw["data"]["eval_prompts"]
-    if (REPO / expected).exists():
+    if (REPO / "configs" / expected).exists():
         pytest.skip(f"{expected} is present here")
     with pytest.raises(ConfigError, match="data.train_prompts"):
         load_config(path, _standins(path)[:2])

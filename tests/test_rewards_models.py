@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import rewards
-from flowrl.models.tiny import WORDS, clip_tokenizer
+from flowrl.models.tiny import WORDS
 from rewards import MultiReward, build_reward
 
 PROMPTS = ["a red circle", "two blue squares on the left", "a cat", "a green tree near a house"]
@@ -41,22 +41,9 @@ def to_pil(x):
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A CLIPModel + CLIPProcessor folder (shortest side 40, crop 32), as the hub repos hold them."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from rewards.tiny import save_tiny_clip
 
-    tok = clip_tokenizer()
-    cfg = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": tok.bos_token_id,
-                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip")
-    CLIPModel(cfg).save_pretrained(path)
-    ip = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(path)
-    return str(path)
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")

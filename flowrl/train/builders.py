@@ -123,13 +123,36 @@ class PromptSet:
         return len(self.prompts)
 
 
-def load_prompts(path: str, key: str = "data.train_prompts") -> PromptSet:
-    """A .txt file (one prompt a line, blank lines skipped) or .jsonl ({"prompt": ..., other keys: metadata})."""
+SHIPPED = "prompts:"  # prompts:<name> names a prompt set shipped in flowrl/data/prompts (as toy:shapes the base)
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
+
+
+def shipped_prompts() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.iterdir() if p.suffix in (".txt", ".jsonl"))
+
+
+def prompt_file(path: str, key: str = "data.train_prompts") -> Path:
+    """The file a prompt-set name or path points to: ``prompts:<name>`` (a shipped set, see
+    flowrl/data/prompts/PROVENANCE.md), else a path."""
     if not path:
         raise ConfigError(f"{key}: no prompt file given")
+    if path.startswith(SHIPPED):
+        name = path[len(SHIPPED):]
+        hits = [SHIPPED_DIR / f"{name}{ext}" for ext in ("", ".jsonl", ".txt")]
+        hits = [h for h in hits if h.is_file() and h.suffix in (".txt", ".jsonl")]
+        if not hits:
+            raise ConfigError(f"{key}: no shipped prompt set {name!r}; shipped: {', '.join(shipped_prompts())}")
+        return hits[0]
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{key}: prompt file not found: {path}")
+    return p
+
+
+def load_prompts(path: str, key: str = "data.train_prompts") -> PromptSet:
+    """A .txt file (one prompt a line, blank lines skipped) or .jsonl ({"prompt": ..., other keys: metadata}),
+    by path or shipped name (``prompts:toy_heldout``)."""
+    p = prompt_file(path, key)
     prompts, metadata = [], []
     if p.suffix == ".jsonl":
         for i, line in enumerate(p.read_text().splitlines(), 1):

@@ -315,7 +315,25 @@ def read_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        relative_to(data, path.resolve().parent)
     return apply_overrides(data, overrides or [])
+
+
+# Input paths a recipe names, resolved against the recipe's folder so it runs from any working directory. Values
+# given by --set are the user's own typing and stay relative to the working directory; run.output_dir is where
+# the user wants the run, so it does too. Names (prompts:<name>, toy:shapes, tiny:sd3) and hub ids are kept.
+RECIPE_PATHS = (("data", "train_prompts"), ("data", "eval_prompts"), ("model", "path"))
+
+
+def relative_to(data: dict, folder: Path) -> None:
+    for section, key in RECIPE_PATHS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if not isinstance(value, str) or not value or ":" in value.split("/")[0] or Path(value).is_absolute():
+            continue
+        candidate = folder / value
+        # a model value may be a hub id (org/name): only a path that exists beside the recipe is taken as one
+        if key != "path" or candidate.exists():
+            data[section][key] = str(candidate)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
