@@ -243,3 +243,52 @@ def test_kl_to_the_base_and_ema(tmp_path, mode):
 
         pipe = StableDiffusion3Pipeline.from_pretrained(run / "model")
         assert pipe.transformer is not None
+
+
+def test_tensorboard_holds_every_scalar_of_the_metrics(smoke_run):
+    """run.report_to: tensorboard (the default) logs each metrics row's numbers at its iteration."""
+    from tensorboardX.proto import event_pb2
+
+    (events,) = (smoke_run / "tb").rglob("events.out.tfevents.*")
+    data, scalars = events.read_bytes(), {}
+    pos = 0
+    while pos < len(data):  # TFRecords: u64 length, u32 crc, the Event, u32 crc
+        n = int.from_bytes(data[pos:pos + 8], "little")
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+        pos += 16 + n
+        for v in event.summary.value:
+            scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+    rows = _metrics(smoke_run)
+    numeric = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric <= set(scalars)
+    loss = scalars["loss"]
+    assert sorted(loss) == list(range(24))
+    assert all(loss[r["iteration"]] == pytest.approx(r["loss"], rel=1e-6, abs=1e-12) for r in rows)
+
+
+def test_lora_folder_has_a_model_card_diffusers_reads(smoke_run):
+    from diffusers.utils.hub_utils import load_or_create_model_card
+
+    card = load_or_create_model_card(str(smoke_run / "lora" / "README.md"))
+    assert card.data.base_model == "tiny:sd3" and card.data.library_name == "diffusers"
+    assert {"lora", "flowrl", "diffusers"} <= set(card.data.tags)
+    text = card.text
+    assert "pipe.load_lora_weights" in text and "objective: grpo" in text and "brightness" in text
+    assert "eval/" not in text and "| brightness |" in text  # the last in-run eval's figures
+
+
+def test_report_to_is_checked_before_anything_runs(tmp_path):
+    from flowrl.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbored'"):
+        load_config(RECIPE, ["run.report_to=tensorbored"])
+    from accelerate.tracking import get_available_trackers
+
+    if "wandb" not in [str(t) for t in get_available_trackers()]:
+        with pytest.raises(ConfigError, match=r"\['wandb'\] not installed"):
+            load_config(RECIPE, ["run.report_to=[tensorboard, wandb]"])
+    run = tmp_path / "run"
+    res = _flowrl("train", str(RECIPE), "--set", f"run.output_dir={run}", "--set", "run.iterations=1", "--set",
+                  "run.report_to=none", "--set", "run.progress=false", "--set", "eval.every=0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not (run / "tb").exists() and (run / "metrics.jsonl").is_file()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flowrl.core import ADVANTAGE_ESTIMATORS, AGGREGATION_WEIGHTS, IS_LEVELS, IS_MODES, POLICY_LOSSES
 from flowrl.train.config import ConfigError
-from flowrl.train.validate import _get, check_data_and_rewards, check_ranges
+from flowrl.train.validate import _get, check_data_and_rewards, check_ranges, trackers
 
 CHOICES = {
     "trainer": ("llm",),
@@ -27,6 +27,7 @@ MISMATCH_KEYS = {"level", "mode", "clip_max", "clip_min"}
 
 def validate(cfg) -> None:
     check_ranges(cfg, CHOICES, POSITIVE, NON_NEGATIVE)
+    trackers(cfg.run.report_to)
     g, t = cfg.generation, cfg.training
     if g.G < 2:
         raise ConfigError(f"generation.G: a group needs at least 2 completions to compare, got {g.G}")

@@ -40,7 +40,7 @@ LOGS = ("metrics.jsonl", "advantages.jsonl")  # append-only run logs, cut back t
 # experiment, so a changed value is refused, naming the field.
 RESUMABLE = frozenset({
     "run.output_dir", "run.iterations", "run.save_every", "run.keep_checkpoints", "run.log_samples_every",
-    "run.progress", "run.dump_advantages", "eval.every", "rewards.retries", "rewards.retry_backoff",
+    "run.progress", "run.dump_advantages", "run.report_to", "eval.every", "rewards.retries", "rewards.retry_backoff",
     "rewards.timeout", "training.max_consecutive_skips",
 })
 
@@ -250,7 +250,9 @@ def check_config(saved: dict, current: dict, defaults_of=Config) -> None:
 
 def data_digests(cfg: Config) -> dict:
     """Content hashes of the files that define the experiment beyond the config (a resume must see the same)."""
-    return {"data.train_prompts": hashlib.sha256(Path(cfg.data.train_prompts).read_bytes()).hexdigest()}
+    from flowrl.train.builders import prompt_file  # noqa: PLC0415 (builders imports the samplers)
+
+    return {"data.train_prompts": hashlib.sha256(prompt_file(cfg.data.train_prompts).read_bytes()).hexdigest()}
 
 
 @dataclass

@@ -38,6 +38,7 @@ class RunConfig:
     log_samples_every: int = 0           # iterations between training sample grids; 0: never
     progress: bool = True
     dump_advantages: bool = False        # write advantages.jsonl (per sample: prompt id, rewards, advantage)
+    report_to: str | list[str] = "tensorboard"  # accelerate trackers: tensorboard, wandb, mlflow, ..., all, none
 
 
 @dataclass

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from flowrl.train import guards
 from flowrl.train.config import ConfigError
 from flowrl.train.scoring import eval_score
+from flowrl.train.validate import trackers
 
 
 def start(cfg, resume, folder_cls, run_dir):
@@ -20,7 +21,8 @@ def start(cfg, resume, folder_cls, run_dir):
     saved = resume.info if resume else None
     # without CUDA, accelerate only forms a (gloo) process group when told it runs on CPU; otherwise each
     # launched process silently trains alone
-    acc = Accelerator(mixed_precision=cfg.run.mixed_precision, log_with="tensorboard", project_dir=str(run_dir),
+    log_with = trackers(cfg.run.report_to)
+    acc = Accelerator(mixed_precision=cfg.run.mixed_precision, log_with=log_with or None, project_dir=str(run_dir),
                       cpu=not torch.cuda.is_available())
     W = acc.num_processes
     if cfg.data.prompts_per_iteration % W:
@@ -31,8 +33,11 @@ def start(cfg, resume, folder_cls, run_dir):
                           f"has {W}: each process's random state is in the checkpoint, so the number must stay")
     folder = folder_cls(cfg, acc, run_dir)
     folder.start(resume.notes if resume else [])
-    # a resumed run's TensorBoard hides the events a crash left beyond the checkpoint
-    acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": saved["iteration"]}} if saved else None)
+    if log_with:
+        # TensorBoard writes to RUN/tb; a resumed run's hides the events a crash left beyond the checkpoint.
+        # Hosted trackers name the run after its folder and resume it by that name.
+        kwargs = {"wandb": {"name": run_dir.name}, "tensorboard": {"purge_step": saved["iteration"]} if saved else {}}
+        acc.init_trackers("tb", init_kwargs=kwargs)
     return acc, folder
 
 

@@ -12,6 +12,7 @@ from accelerate.utils import DistributedType
 from flowrl.train import checkpoint, finetune
 from flowrl.train.checkpoint import LOGS
 from flowrl.train.config import ConfigError, to_dict
+from flowrl.train.model_card import write_model_card
 from flowrl.train.plots import reward_curve
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "lora", "model")
@@ -133,14 +134,17 @@ class RunFolder:
         if self.acc.is_main_process:
             reward_curve(rows, self.path / "reward_curve.png")
 
-    def save_weights(self, views) -> None:
-        """The trained weights (the EMA when kept) as a diffusers LoRA or pipeline folder. Main process only."""
+    def save_weights(self, views, rows: list[dict]) -> None:
+        """The trained weights (the EMA when kept) as a diffusers LoRA or pipeline folder, with its model card.
+        Main process only."""
         with views.use("ema"):
             denoiser = self.acc.unwrap_model(self.m.model)
-            if self.cfg.finetune.mode == "lora":
-                finetune.save_lora(self.m.pipe, denoiser, self.m.family, self.m.lora_config, self.path / "lora")
+            kind = "lora" if self.cfg.finetune.mode == "lora" else "model"
+            if kind == "lora":
+                finetune.save_lora(self.m.pipe, denoiser, self.m.family, self.m.lora_config, self.path / kind)
             else:
-                finetune.save_full(self.m.pipe, self.path / "model")
+                finetune.save_full(self.m.pipe, self.path / kind)
+        write_model_card(self.path / kind, to_dict(self.cfg), kind, rows)
 
     def dump_advantages(self, it, gathered, all_slots, all_adv) -> None:
         with open(self.path / "advantages.jsonl", "a") as f:

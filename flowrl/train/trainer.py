@@ -108,7 +108,7 @@ class Trainer:
 
     def finish(self) -> None:
         self.evaluator.before_after()
-        self.folder.save_weights(self.views)
+        self.folder.save_weights(self.views, self.rows)
 
     def iteration(self, it: int) -> dict:
         c, acc = self.cfg, self.acc

@@ -57,8 +57,32 @@ def check_ranges(cfg, choices: dict, positive, non_negative) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
 
 
+def trackers(report_to) -> list[str]:
+    """run.report_to as accelerate's ``log_with``: named trackers, each installed ("all": every installed one,
+    "none": no tracker). Checked before anything runs: accelerate itself would only warn and log nothing."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [report_to] if isinstance(report_to, str) else report_to
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"run.report_to: a tracker name or a list of them, got {report_to!r}")
+    if names == ["none"]:
+        return []
+    known = [t.value for t in LoggerType]
+    for n in names:
+        if n not in known:
+            raise ConfigError(f"run.report_to: unknown tracker {n!r}; accelerate knows {known} (or none)")
+    available = [str(t) for t in get_available_trackers()]
+    missing = [n for n in names if n != "all" and n not in available]
+    if missing:
+        raise ConfigError(f"run.report_to: {missing} not installed here (installed: {available}); pip install it "
+                          "or drop it")
+    return names
+
+
 def validate(cfg: Config) -> None:
     check_ranges(cfg, CHOICES, POSITIVE, NON_NEGATIVE)
+    trackers(cfg.run.report_to)
     if not 0 < cfg.training.timestep_fraction <= 1:
         raise ConfigError(f"training.timestep_fraction: must be in (0, 1], got {cfg.training.timestep_fraction}")
     if not 0 <= cfg.finetune.ema_decay < 1:
