@@ -134,7 +134,7 @@ def start(cmd, logfile):
 def summary(base, ev):
     import torch
 
-    from flowrl.cli import paired_gains
+    from flowrl.bench.stats import paired_gains
     b, e = json.loads(Path(base).read_text()), json.loads(Path(ev).read_text())
     tags = [json.loads(line).get("tag") for line in open(HELD)]
     tags = [t for t in tags for _ in range(8)][:len(e["per_image"]["prompt"])]

@@ -111,6 +111,7 @@ def test_rewards_bench_table_and_paired_gain(tmp_path, one_thread):
         assert table["images"] == 6 and table["mean"] == pytest.approx(sum(b[k] for b in new) / 6)
 
 
+@pytest.mark.slow  # CI runs it (.ci/run: pytest -m slow)
 def test_two_processes_give_the_numbers_of_one(tmp_path):
     from tests.test_train import _two_processes
 
@@ -128,3 +129,18 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     strip = lambda d: [{k: v for k, v in json.loads(x).items() if k != "filename"}  # noqa: E731
                        for x in (tmp_path / d / "results.jsonl").read_text().splitlines()]
     assert strip("one") == strip("two")
+
+
+def test_bench_gpu_runs_in_tiny_mode(one_thread):
+    """scripts/bench_gpu.py on the tiny pipelines (CPU): the same phases and table as on a GPU."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lines = mod.main(["--tiny", "--max-batch", "2", "--repeats", "1"])
+    table = "\n".join(lines)
+    for phase in ("rollout", "re-score + backward", "optimizer", "largest micro-batch"):
+        assert table.count(f"| {phase} |") == 2, phase  # SD3 and FLUX
+    assert "tiny sd3" in table and "tiny flux" in table and "NFE" in table
