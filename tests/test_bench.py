@@ -141,6 +141,6 @@ def test_bench_gpu_runs_in_tiny_mode(one_thread):
     spec.loader.exec_module(mod)
     lines = mod.main(["--tiny", "--max-batch", "2", "--repeats", "1"])
     table = "\n".join(lines)
-    for phase in ("rollout", "re-score + backward", "optimizer", "largest micro-batch"):
+    for phase in ("rollout", "re-score + backward", "optimizer", "largest micro-batch (fwd + bwd)"):
         assert table.count(f"| {phase} |") == 2, phase  # SD3 and FLUX
     assert "tiny sd3" in table and "tiny flux" in table and "NFE" in table
