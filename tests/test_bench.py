@@ -144,3 +144,25 @@ def test_bench_gpu_runs_in_tiny_mode(one_thread):
     for phase in ("rollout", "re-score + backward", "optimizer", "largest micro-batch (fwd + bwd)"):
         assert table.count(f"| {phase} |") == 2, phase  # SD3 and FLUX
     assert "tiny sd3" in table and "tiny flux" in table and "NFE" in table
+
+
+def fake_ocr(image):
+    """An OCR engine for the test: always reads the text the first OCR prompt asks for."""
+    from flowrl.train.builders import load_prompts
+    from rewards.ocr import quoted_text
+
+    return quoted_text(load_prompts("prompts:ocr_test").prompts[0])
+
+
+def test_ocr_bench_is_the_ocr_accuracy_of_the_quoted_text(tmp_path, one_thread):
+    from flowrl.train.builders import load_prompts
+    from rewards.ocr import ocr_accuracy, quoted_text
+
+    bench("ocr", *TINY, "--limit", "4", "--reward-kwargs", json.dumps({"ocr": {"engine": "tests.test_bench:fake_ocr"}}),
+          "--out", str(tmp_path / "ocr"))
+    prompts = load_prompts("prompts:ocr_test").prompts[:4]
+    scores = [ocr_accuracy(fake_ocr(None), quoted_text(p)) for p in prompts]
+    assert scores[0] == 1.0
+    expected = sum(scores) / 4
+    summary = json.loads((tmp_path / "ocr" / "summary.json").read_text())
+    assert summary["scores"]["ocr"]["mean"] == pytest.approx(expected) and summary["scores"]["ocr"]["images"] == 4
