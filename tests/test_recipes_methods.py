@@ -67,7 +67,7 @@ PUBLISHED = {
         "finetune.lora_rank": 32, "finetune.lora_alpha": 64, "finetune.ema_decay": 0.987,
         "advantages.estimator": "grpo", "advantages.eps": 1e-4, "data.prompts_per_iteration": 24,
         "rewards.components": {"geneval": 1.0}, "eval.every": 60, "run.save_every": 60,
-        "data.train_prompts": "data/geneval/train_metadata.jsonl",
+        "data.train_prompts": "../data/geneval/train_metadata.jsonl",
     },
     "flux_grpo_guard_pickscore.yaml": {
         "model.path": FLUX_DEV, "sampling.num_steps": 16, "sampling.kernel": {"name": "flow_sde_const", "eta": 0.3},
