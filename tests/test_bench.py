@@ -42,7 +42,7 @@ def test_geneval_writes_the_official_layout_and_resumes(tmp_path, one_thread):
     assert len(lines) == 553
     walk = official_walk(out)
     assert [(i, n) for i, n, _ in walk] == [(i, f"{k:05d}.png") for i in range(5) for k in range(2)]
-    assert all(meta == lines[i] for i, _, meta in walk)  # the metadata line, byte for byte as JSON
+    assert all(meta == lines[i] for i, _, meta in walk)  # the official metadata line, as json.load reads it
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [f"{i:05d}" for i in range(5)]
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     # evaluate_images.py's fields, which its summary_scores.py reads
@@ -72,6 +72,15 @@ def test_a_folder_of_other_settings_is_refused(tmp_path, capsys, one_thread):
     assert "seed: 0 there, 3 now" in capsys.readouterr().err
     assert main(["bench", "geneval", *TINY, "--limit", "2", "--out", str(tmp_path / "c")]) == 2
     assert "nothing scores it" in capsys.readouterr().err
+    assert main(["bench", "geneval", *TINY, "--limit", "-1", "--no-score", "--out", str(tmp_path / "d")]) == 2
+    assert "--limit must be >= 0" in capsys.readouterr().err
+    assert main(["bench", "geneval", *TINY, "--no-score", "--baseline-differs", "guidance",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "needs --baseline" in capsys.readouterr().err
+    # a start that failed before drawing anything binds nothing: the corrected run goes ahead
+    assert main(["bench", "geneval", *TINY, "--limit", "1", "--num", "1", "--no-score", "--lora", str(tmp_path),
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "holds no pytorch_lora_weights" in capsys.readouterr().err
 
 
 def test_geneval_summary_is_genevals_summary_scores():

@@ -69,9 +69,9 @@ def test_most_confident_first_and_at_most_max_objects():
 def test_overlapping_boxes_all_count_at_the_default_max_overlap():
     """evaluate_image(): NMS_THRESHOLD (option max_overlap) defaults to 1, and then no box is suppressed: two
     near-identical boxes of one class are two objects (a duplicated detection passes "two dogs")."""
-    raw = {"dog": [(box(0), 0.9, None), (box(1), 0.8, None)]}
+    raw = {"dog": [(box(0), 0.99, None), (box(1), 0.95, None)]}
     meta = {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}]}
-    kept = keep_detections(raw, "single_object")
+    kept = keep_detections(raw, "counting")
     assert len(kept["dog"]) == 2 and verdict(kept, meta)
     # with max_overlap < 1 a box overlapping a more confident one at IoU >= max_overlap is dropped
     assert box_iou(box(0), box(1)) >= 0.5

@@ -124,7 +124,7 @@ def test_two_processes_match_one(tmp_path):
 
     iters = 4
     cfg = load_config(RECIPE)
-    train_prompts = load_prompts(str(ROOT / cfg.data.train_prompts)).prompts
+    train_prompts = load_prompts(cfg.data.train_prompts).prompts
     P = cfg.data.prompts_per_iteration
     draws = [prompt_indices(cfg.run.seed, it, len(train_prompts), P) for it in range(iters)]
     bad = next(i for i in draws[1][P // 2:] if all(i not in d for d in draws[:1] + draws[2:]))  # rank 1's

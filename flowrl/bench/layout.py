@@ -30,7 +30,8 @@ def sample_path(out: Path, index: int, k: int) -> Path:
     return prompt_dir(out, index) / "samples" / f"{k:0{SAMPLE_DIGITS}d}.png"
 
 
-def _replace(path: Path, write) -> None:
+def replace(path: Path, write) -> None:
+    """``write(tmp)``, then an atomic rename onto ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -44,7 +45,7 @@ def write_metadata(out: Path, index: int, prompt: str, metadata: dict) -> None:
     path = folder / "metadata.jsonl"
     if path.is_file() and json.loads(path.read_text()) == line:
         return
-    _replace(path, lambda p: p.write_text(json.dumps(line)))
+    replace(path, lambda p: p.write_text(json.dumps(line)))
 
 
 def write_image(path: Path, image: torch.Tensor) -> None:
@@ -52,7 +53,7 @@ def write_image(path: Path, image: torch.Tensor) -> None:
     from PIL import Image
 
     array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    _replace(path, lambda p: Image.fromarray(array).save(p, format="PNG"))
+    replace(path, lambda p: Image.fromarray(array).save(p, format="PNG"))
 
 
 def missing(out: Path, index: int, num: int) -> list[int]:
@@ -75,4 +76,4 @@ def read_images(out: Path, pairs: list[tuple[int, int]]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
-__all__ = ["missing", "prompt_dir", "read_images", "sample_path", "write_image", "write_metadata"]
+__all__ = ["missing", "prompt_dir", "read_images", "replace", "sample_path", "write_image", "write_metadata"]

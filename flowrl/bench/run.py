@@ -42,7 +42,8 @@ def settings_of(args) -> dict:
 def check_folder(out: Path, settings: dict) -> None:
     """A folder holding images of other settings is refused before anything is drawn."""
     saved = out / "bench.json"
-    if not saved.is_file():
+    # settings bind only once an image exists: a start that failed before drawing leaves nothing to protect
+    if not saved.is_file() or not any(out.glob("[0-9]*/samples/*.png")):
         return
     old = json.loads(saved.read_text())["sampling"]
     diff = [k for k in SAMPLING if old.get(k) != settings.get(k)]
@@ -140,6 +141,14 @@ def run_bench(args) -> dict | None:
     from flowrl.train.builders import load_prompts
 
     bench = BENCHMARKS[args.benchmark]
+    counts = (("--limit", args.limit, 0), ("--num", args.num, 1), ("--batch-size", args.batch_size, 1))
+    for flag, value, least in counts:
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    if args.baseline_differs and not args.baseline:
+        raise ConfigError("--baseline-differs needs --baseline (the earlier bench it differs from)")
+    if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
+        raise ConfigError(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors")
     args.prompts = args.prompts or bench.prompts
     args.num = args.num or bench.images_per_prompt
     ps = load_prompts(args.prompts, "--prompts")
@@ -157,14 +166,14 @@ def run_bench(args) -> dict | None:
     check_folder(out, settings)
     differs = args.baseline_differs or []
     baseline = _load_baseline(args.baseline, settings, differs) if args.baseline else None  # before any sampling
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # first: it sets each process's CUDA device
     reward = None if args.no_score else rewards.MultiReward(spec, kwargs)  # a server that is down fails here
-
-    acc = Accelerator(cpu=not torch.cuda.is_available())
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps({"benchmark": bench.name, "sampling": settings,
-                                                    "prompts_in_file": len(ps), "limit": args.limit,
-                                                    "batch_size": args.batch_size}, indent=2))
+        text = json.dumps({"benchmark": bench.name, "sampling": settings, "prompts_in_file": len(ps),
+                           "limit": args.limit, "batch_size": args.batch_size}, indent=2)
+        layout.replace(out / "bench.json", lambda path: path.write_text(text))  # other processes may be reading it
+    acc.wait_for_everyone()
     mine = blocks(n, args.batch_size)[acc.process_index::acc.num_processes]
     drawn, found = draw(args, acc, out, prompts, metas, mine)
     counts = gather_object([(drawn, found)])
@@ -206,6 +215,9 @@ def write_results(args, bench, out, rows, metas, reward, settings, counts, basel
                                                                     for r in rows]:
             raise ConfigError(f"--baseline {folder} scored other images (prompts, samples or --limit differ)")
         shared = [k for k in keys if k in old[0]]
+        if not shared:
+            raise ConfigError(f"--baseline {folder} has no score in common with this run (there: "
+                              f"{sorted(set(old[0]) - set(ROW_FIELDS))}, here: {keys})")
         gains = paired_gains({k: torch.tensor([r[k] for r in rows]) for k in shared},
                              {k: torch.tensor([r[k] for r in old]) for k in shared},
                              [r["prompt"] for r in rows], tags if all(isinstance(t, str) for t in tags) else None)
