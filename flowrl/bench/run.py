@@ -21,6 +21,7 @@ import torch
 
 from flowrl.bench import layout, tables
 from flowrl.bench.protocols import BENCHMARKS, reward_spec
+from flowrl.bench.sampling import check_weights
 from flowrl.train.config import ConfigError
 
 # what decides an image: a folder drawn with other values of these is another benchmark run
@@ -147,8 +148,7 @@ def run_bench(args) -> dict | None:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
     if args.baseline_differs and not args.baseline:
         raise ConfigError("--baseline-differs needs --baseline (the earlier bench it differs from)")
-    if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-        raise ConfigError(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors")
+    check_weights(args)
     args.prompts = args.prompts or bench.prompts
     args.num = args.num or bench.images_per_prompt
     ps = load_prompts(args.prompts, "--prompts")

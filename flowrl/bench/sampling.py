@@ -5,6 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def check_weights(args) -> None:
+    """--lora and --mix-steps, before anything loads or is written."""
+    from flowrl.train.config import ConfigError
+
+    if args.mix_steps is not None and (not args.lora or not 0 <= args.mix_steps <= args.steps):
+        raise ConfigError(f"--mix-steps {args.mix_steps}: needs --lora and 0 <= N <= --steps ({args.steps}): the "
+                          "first N steps sample with the LoRA, the rest with the base")
+    if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
+        raise ConfigError(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors")
+
+
 def load_policy(args, device=None):
     """A pipeline from --model (folder, hub id or tiny:<family>), with --lora applied the plain-diffusers way,
     on ``device`` (default: CUDA when there is one)."""
@@ -12,14 +23,9 @@ def load_policy(args, device=None):
 
     from flowrl.models import DTYPES, load_pipeline, policy_from_pipeline
     from flowrl.train.builders import model_family
-    from flowrl.train.config import ConfigError
 
     family = model_family(args.model)
-    if args.mix_steps is not None and (not args.lora or not 0 <= args.mix_steps <= args.steps):
-        raise ConfigError(f"--mix-steps {args.mix_steps}: needs --lora and 0 <= N <= --steps ({args.steps}): the "
-                          "first N steps sample with the LoRA, the rest with the base")
-    if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-        raise ConfigError(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors")
+    check_weights(args)
     pipe = load_pipeline(args.model, DTYPES[args.dtype])
     if args.lora:
         pipe.load_lora_weights(args.lora)
@@ -55,4 +61,4 @@ def sample_images(policy, family, prompts, args, per_prompt: int, sde: bool, pro
     return torch.cat(images)
 
 
-__all__ = ["load_policy", "sample_images"]
+__all__ = ["check_weights", "load_policy", "sample_images"]
