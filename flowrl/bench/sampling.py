@@ -21,7 +21,7 @@ def load_policy(args, device=None):
     on ``device`` (default: CUDA when there is one)."""
     import torch
 
-    from flowrl.models import DTYPES, load_pipeline, policy_from_pipeline
+    from flowrl.models import DTYPES, family_of_pipeline, load_pipeline, policy_from_pipeline
     from flowrl.train.builders import model_family
 
     family = model_family(args.model)
@@ -30,7 +30,9 @@ def load_policy(args, device=None):
     if args.lora:
         pipe.load_lora_weights(args.lora)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # weights already in --dtype
-    kw = {} if family == "sd" else {"max_sequence_length": args.max_sequence_length}
+    found = family_of_pipeline(type(pipe).__name__)  # a hub id is only resolved once loaded
+    family = found.name if found is not None else family
+    kw = {"max_sequence_length": args.max_sequence_length} if found and "max_sequence_length" in found.options else {}
     return policy_from_pipeline(pipe, **kw), family
 
 
@@ -42,7 +44,7 @@ def sample_images(policy, family, prompts, args, per_prompt: int, sde: bool, pro
 
     from flowrl.sampling import Constant, DDIMEta, Flat, FlowSDE, rollout
 
-    kernel = DDIMEta(eta=1.0) if family == "sd" else FlowSDE(a=args.noise_level)
+    kernel = DDIMEta(eta=1.0) if policy.family == "ddim" else FlowSDE(a=args.noise_level)
     before_step = None
     if args.mix_steps is not None:  # MixGRPO's hybrid sampling: the trained LoRA for the first steps, then the base
         pipe = policy.pipe

@@ -7,15 +7,19 @@ package for the names below and must stay fast.
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 
 from flowrl.models.families import DTYPES, FAMILIES, Family, adapter_options, family_of_pipeline
 
 _ADAPTER_MODULES = {"SD3Policy": "flowrl.models.sd3", "FluxPolicy": "flowrl.models.flux",
-                    "SDPolicy": "flowrl.models.sd"}
+                    "SDPolicy": "flowrl.models.sd", "SDXLPolicy": "flowrl.models.sdxl",
+                    "FluxKontextPolicy": "flowrl.models.kontext", "QwenImagePolicy": "flowrl.models.qwen",
+                    "QwenImageEditPolicy": "flowrl.models.qwen", "WanPolicy": "flowrl.models.wan"}
 ADAPTERS = {f.pipeline: f.adapter for f in FAMILIES.values()}
 FAMILY_OF_PIPELINE = {f.pipeline: f.name for f in FAMILIES.values()}
 TOY_BASE = "toy:shapes"
+logger = logging.getLogger("flowrl")
 
 
 def resolve_model_path(path: str) -> str:
@@ -48,10 +52,29 @@ def load_pipeline(path_or_id: str, dtype=None):
         pipe = DiffusionPipeline.from_pretrained(resolve_model_path(path_or_id),
                                                  **({"dtype": dtype} if dtype is not None else {}))
     pipe.set_progress_bar_config(disable=True)
+    _ddim_for_unets(pipe, path_or_id)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
     return pipe
+
+
+def _ddim_for_unets(pipe, source: str) -> None:
+    """The DDIM-eta kernel (DDPO) needs DDIM's grid: a UNet pipeline shipped with another scheduler (stock SD 1.x
+    folders carry PNDM) gets ``DDIMScheduler.from_config`` of its own config, with the same betas, offset and
+    prediction type, and the log says so."""
+    family = family_of_pipeline(type(pipe).__name__)
+    if family is None or family.kernel != "ddim" or type(pipe.scheduler).__name__ == "DDIMScheduler":
+        return
+    from diffusers import DDIMScheduler
+
+    old = type(pipe.scheduler).__name__
+    config = pipe.scheduler.config
+    # DDIM's own default clips x0 to [-1, 1], which suits pixels, not latents: a config silent on it gets the
+    # stock SD folders' explicit clip_sample false, as the scheduler it replaces never clipped
+    pipe.scheduler = DDIMScheduler.from_config(config, **({} if "clip_sample" in config else {"clip_sample": False}))
+    logger.warning(f"flowrl: {source}: scheduler {old} replaced by DDIMScheduler.from_config of its config (the "
+                   "DDIM-eta sampler steps on DDIM's grid)")
 
 
 def load_policy(path_or_id: str, dtype=None, device=None, **kwargs):

@@ -38,6 +38,8 @@ class Policy(ABC):
     """A text-to-image model seen as the policy of the sampler MDP."""
 
     family: str = "flow"          # "flow" (velocity, rectified flow) or "ddim" (epsilon / v-prediction UNet)
+    needs_image: bool = False     # editing models: every prompt comes with an input image (``encode(images=...)``)
+    video: bool = False           # states are clips: ``decode`` gives (N, frames, 3, H, W)
     denoiser: nn.Module           # the trained network; the trainer may swap in a DDP-wrapped twin
     default_height: int
     default_width: int
@@ -52,7 +54,22 @@ class Policy(ABC):
 
     @abstractmethod
     def encode(self, prompts: list[str], negative_prompt: str | list[str] | None = "") -> Conditioning:
-        """Encode prompts once per iteration (no grad). ``negative_prompt`` None: no unconditional branch."""
+        """Encode prompts once per iteration (no grad). ``negative_prompt`` None: no unconditional branch.
+        Editing adapters (``needs_image``) also take ``images``: one RGB PIL image per prompt."""
+
+    def conditioning(self, prompts: list[str], negative_prompt: str | list[str] | None = "",
+                     images: list | None = None) -> Conditioning:
+        """``encode`` with the input images checked against what the model takes: an editing model without
+        them, or a text-to-image model given some, is an error rather than a silently different task."""
+        if self.needs_image:
+            if images is None or len(images) != len(prompts):
+                got = "none" if images is None else len(images)
+                raise ValueError(f"{type(self).__name__} edits an input image: {len(prompts)} prompts need as many "
+                                 f"images, got {got} (prompt files: an 'image' field per row)")
+            return self.encode(prompts, negative_prompt, images=images)
+        if images is not None:
+            raise ValueError(f"{type(self).__name__} is a text-to-image model: it takes no input images")
+        return self.encode(prompts, negative_prompt)
 
     @abstractmethod
     def grid(self, num_steps: int, height: int | None = None, width: int | None = None) -> Grid:

@@ -101,7 +101,7 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
             negative_prompt: str | list[str] | None = "", record: tuple[str, ...] = (),
             initial_noise: Tensor | None = None, ode_solver: str = "euler", reduction: str = "mean",
             max_batch: int | None = None, post_window: PostWindow | None = None,
-            before_step: Callable[[int], None] | None = None) -> Forest:
+            before_step: Callable[[int], None] | None = None, images: list | None = None) -> Forest:
     """Sample ``plan`` for every prompt with the policy's current weights and return the recorded forest.
 
     ``schedule`` (default: every step SDE) decides per step whether the kernel is stochastic; ODE stretches use
@@ -110,7 +110,8 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
     (num_prompts * trees_per_prompt, *latent_shape) overrides the seeded initial states. ``post_window``
     (MixGRPO-Flash) re-discretises the grid after the last stochastic step and solves the rest with DPM-Solver++:
     the forest's grid is then the spliced one, with fewer steps. ``before_step(k)`` is called before the model
-    call of step k (e.g. to switch weights: MixGRPO's hybrid sampling).
+    call of step k (e.g. to switch weights: MixGRPO's hybrid sampling). ``images``: one input image per prompt
+    for editing models (``policy.needs_image``).
     """
     schedule = schedule or Constant()
     bad = set(record) - set(RECORDABLE)
@@ -138,7 +139,7 @@ def rollout(policy: Policy, prompts: list[str], *, plan: Plan, kernel: Kernel, s
         num_steps = grid.num_steps
         specs = check_plan(plan, scales, num_steps, iteration)
     peak = float(scales.max())
-    cond = policy.encode(prompts, negative_prompt) if cond is None else cond
+    cond = policy.conditioning(prompts, negative_prompt, images) if cond is None else cond
     shape = policy.latent_shape(height, width)
 
     # roots: trees_per_prompt per prompt, seeded by (seed, iteration, prompt id, tree)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from flowrl.models import FAMILY_OF_PIPELINE, resolve_model_path
+from flowrl.models import FAMILIES, FAMILY_OF_PIPELINE, resolve_model_path
 from flowrl.sampling import KERNELS, PLANS, SCHEDULES
 from flowrl.sampling.seeding import derive_seed
 from flowrl.sampling.solvers import PostWindow
@@ -84,15 +84,15 @@ def make_plan(spec: dict, seed: int = 0):
 
 
 def model_family(path: str) -> str:
-    """sd3 | flux | sd, from ``tiny:<family>`` or the folder's model_index.json; checked before loading.
+    """The family name (flowrl.models.FAMILIES), from ``tiny:<family>`` or the folder's model_index.json; checked before loading.
 
     A hub id is accepted as is when the hub is reachable, and must be in the local cache when HF_HUB_OFFLINE is
     set (otherwise loading would fail minutes later)."""
     path = resolve_model_path(path)
     if path.startswith("tiny:"):
         family = path.split(":", 1)[1]
-        if family not in ("sd3", "flux", "sd"):
-            raise ConfigError(f"model.path: unknown tiny family {family!r} (sd3, flux, sd)")
+        if family not in FAMILIES:  # every family has a tiny builder (flowrl.models.tiny)
+            raise ConfigError(f"model.path: unknown tiny family {family!r} ({', '.join(FAMILIES)})")
         return family
     index = Path(path) / "model_index.json"
     if not index.is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from flowrl.models.families import FAMILIES
 from flowrl.sampling.rollout import check_plan
 from flowrl.train import builders
 from flowrl.train.config import Config, ConfigError
@@ -153,11 +154,12 @@ def validate(cfg: Config) -> None:
     if cfg.finetune.merged_sampling and cfg.finetune.mode != "lora":
         raise ConfigError("finetune.merged_sampling: needs finetune.mode lora (it merges the adapter)")
     OBJECTIVES[cfg.training.objective].check(cfg, kernel, scales, plan)
-    if post is not None and family == "sd":
-        raise ConfigError("sampling.post_window: re-discretises a flow model's grid; SD 1.x samples with DDIM")
-    if family != "unknown" and (family == "sd") != (kernel.family == "ddim"):
+    model_kernel = FAMILIES[family].kernel if family in FAMILIES else None
+    if post is not None and model_kernel == "ddim":
+        raise ConfigError(f"sampling.post_window: re-discretises a flow model's grid; {family} samples with DDIM")
+    if model_kernel is not None and model_kernel != kernel.family:
         raise ConfigError(f"sampling.kernel: {cfg.sampling.kernel['name']} does not fit a {family} model "
-                          f"({'ddim' if family == 'sd' else 'a flow kernel: flow_sde, flow_sde_const, cps'})")
+                          f"({'ddim' if model_kernel == 'ddim' else 'a flow kernel: flow_sde, flow_sde_const, cps'})")
 
     check_data_and_rewards(cfg)
 

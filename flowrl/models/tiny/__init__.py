@@ -12,6 +12,7 @@ up from their configs; FluxPipeline hard-codes a 128-latent default, so pass ``h
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -43,7 +45,7 @@ __all__ = [
     "tiny_flux_pipeline", "tiny_sd3_pipeline", "tiny_sd_pipeline",
 ]
 
-FAMILIES = ("sd3", "flux", "sd")
+FAMILIES = ("sd3", "flux", "sd", "sdxl", "flux_kontext", "qwen_image", "qwen_image_edit", "wan")
 DEFAULT_SIZE = {"sd3": 64, "flux": 64, "sd": 64}  # pixels; latents are (4, 32, 32) before Flux packing
 
 # Every word is a single token in both tokenizers, so short prompts never overflow short max lengths.
@@ -227,15 +229,31 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Flu
     })
 
 
+def sd_scheduler(kind: str = "ddim", prediction_type: str = "epsilon"):
+    """SD1.5's noise schedule as DDIM (what DDPO samples with) or as the stock checkpoints ship it: PNDM with
+    the config of runwayml/stable-diffusion-v1-5's scheduler folder."""
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    if kind == "pndm":
+        sched = PNDMScheduler(**common, skip_prk_steps=True)
+        sched.register_to_config(clip_sample=False)  # in the stock config, unused by PNDM
+        return sched
+    if kind != "ddim":
+        raise ValueError(f"scheduler must be 'ddim' or 'pndm', got {kind!r}")
+    return DDIMScheduler(**common, clip_sample=False)
+
+
 def tiny_sd_pipeline(
-    seed: int = 0, dtype: torch.dtype = torch.float32, prediction_type: str = "epsilon"
+    seed: int = 0, dtype: torch.dtype = torch.float32, prediction_type: str = "epsilon", scheduler: str = "ddim"
 ) -> StableDiffusionPipeline:
     """SD1.5-like: cross-attention UNet, one CLIP, DDIM with SD1.5's schedule; 64x64 images.
 
-    ``prediction_type="v_prediction"`` gives an SD2.x-style v-parameterised model.
+    ``prediction_type="v_prediction"`` gives an SD2.x-style v-parameterised model; ``scheduler="pndm"`` the
+    stock checkpoints' scheduler (``load_pipeline`` swaps it for DDIM).
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    sd_scheduler(scheduler, prediction_type)  # a bad name fails before anything is built
     tok = clip_tokenizer()
     return _build(seed, dtype, StableDiffusionPipeline, {
         "unet": lambda: UNet2DConditionModel(
@@ -245,22 +263,27 @@ def tiny_sd_pipeline(
             attention_head_dim=2, norm_num_groups=8),
         "vae": lambda: _vae(0.18215, None, quant_conv=True),
         "text_encoder": lambda: CLIPTextModel(_clip_config(tok, 32, 4, 32, "quick_gelu")),
-        "scheduler": lambda: DDIMScheduler(
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type),
+        "scheduler": lambda: sd_scheduler(scheduler, prediction_type),
         "tokenizer": lambda: tok,
     }, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 _BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline, "sd": tiny_sd_pipeline}
+# the newer families live in their own modules, imported on first use
+_LAZY_BUILDERS = {"sdxl": "sdxl:tiny_sdxl_pipeline", "flux_kontext": "kontext:tiny_flux_kontext_pipeline",
+                  "qwen_image": "qwen:tiny_qwen_image_pipeline", "qwen_image_edit": "qwen:tiny_qwen_image_edit_pipeline",
+                  "wan": "wan:tiny_wan_pipeline"}
 
 
 def build_tiny(family: str, seed: int = 0, **kw):
-    """Build the tiny pipeline of ``family`` ("sd3" | "flux" | "sd"); ``kw`` goes to the family builder."""
-    try:
+    """Build the tiny pipeline of ``family`` (one of ``FAMILIES``); ``kw`` goes to the family builder."""
+    if family in _LAZY_BUILDERS:
+        module, name = _LAZY_BUILDERS[family].split(":")
+        builder = getattr(importlib.import_module(f"flowrl.models.tiny.{module}"), name)
+    elif family in _BUILDERS:
         builder = _BUILDERS[family]
-    except KeyError:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}") from None
+    else:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     return builder(seed=seed, **kw)
 
 
