@@ -48,19 +48,28 @@ def _prompts(args):
     from flowrl.train.builders import load_prompts
 
     if args.prompt:
-        return [args.prompt], [{}]
+        return [args.prompt], [{"image": str(Path(args.image).resolve())} if args.image else {}]
+    if args.image:
+        raise ValueError("--image goes with --prompt; a prompt file names each row's input image in an 'image' field")
     ps = load_prompts(args.prompts, "--prompts")
     n = args.num_prompts or len(ps)
     return ps.prompts[:n], ps.metadata[:n]
+
+
+def _inputs(policy, metadata):
+    """Editing models' input images (the rows' 'image' fields), checked before any sampling."""
+    from flowrl.train.builders import prompt_images
+
+    return prompt_images(metadata, "--prompts / --image") if policy.needs_image else None
 
 
 def _sample(args) -> None:
     from flowrl.bench.sampling import load_policy, sample_images
     from flowrl.train.images import save_grid
 
-    prompts, _ = _prompts(args)
+    prompts, metadata = _prompts(args)
     policy, family = load_policy(args)
-    images = sample_images(policy, family, prompts, args, args.num, args.sde)
+    images = sample_images(policy, family, prompts, args, args.num, args.sde, inputs=_inputs(policy, metadata))
     out = Path(args.out)
     grid = save_grid(images, out / "grid.png", cols=args.num if args.num > 1 else 8)
     from PIL import Image
@@ -88,7 +97,7 @@ def _eval(args) -> None:
     expanded = [p for p in prompts for _ in range(args.num)]
     baseline = _load_baseline(args.baseline, expanded, args) if args.baseline else None  # before any sampling
     policy, family = load_policy(args)
-    images = sample_images(policy, family, prompts, args, args.num, sde=False)
+    images = sample_images(policy, family, prompts, args, args.num, sde=False, inputs=_inputs(policy, metadata))
     meta = [m for m in metadata for _ in range(args.num)]
     groups = torch.arange(len(prompts)).repeat_interleave(args.num)  # a prompt's images: one group (pairwise)
     all_scores = reward(images, expanded, meta, groups=groups)
@@ -181,7 +190,7 @@ def _plan(args) -> None:
 def sampling_options(p) -> None:
     """The options that decide a sample: model, weights, sampler settings, seed (flowrl sample, eval, bench)."""
     p.add_argument("--model", required=True, help="diffusers folder, hub id, toy:shapes (the shipped "
-                   "shapes-world base) or tiny:<sd3|flux|sd>")
+                   "shapes-world base) or tiny:<family>")
     p.add_argument("--lora", default=None, help="a LoRA folder (e.g. RUN_DIR/lora), loaded with load_lora_weights")
     p.add_argument("--mix-steps", type=int, default=None, metavar="N", help="hybrid sampling (MixGRPO's released "
                    "model): the first N steps with --lora, the rest with the base weights")
@@ -193,12 +202,15 @@ def sampling_options(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per sampling call")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-sequence-length", type=int, default=256)
+    p.add_argument("--auto-resize", action=argparse.BooleanOptionalAction, default=True,
+                   help="FLUX Kontext: resize input images to its preferred resolutions (as its pipeline does)")
     p.add_argument("--out", required=True)
 
 
 def _common(p):
     sampling_options(p)
     p.add_argument("--prompt", default=None)
+    p.add_argument("--image", default=None, help="editing models: the input image of --prompt")
     p.add_argument("--prompts", default=None, help=".txt or .jsonl prompt file, or a shipped set: prompts:<name>")
     p.add_argument("--num-prompts", type=int, default=0, help="first N prompts of the file (0: all)")
     p.add_argument("--num", type=int, default=1, help="images per prompt")

@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from flowrl.models.tiny import (  # noqa: E402
     DEFAULT_SIZE,
@@ -18,20 +19,26 @@ from flowrl.models.tiny import (  # noqa: E402
     t5_tokenizer,
 )
 
-LATENT_SHAPE = {"sd3": (2, 4, 32, 32), "flux": (2, 256, 16), "sd": (2, 4, 32, 32)}  # flux latents are packed
+# flux latents are packed 2x2 into tokens
+LATENT_SHAPE = {"sd3": (2, 4, 32, 32), "flux": (2, 256, 16), "sd": (2, 4, 32, 32), "sdxl": (2, 4, 32, 32),
+                "flux_kontext": (2, 256, 16)}
 PROMPTS = ["a red circle left of a blue square", "three green triangles on a white background"]
 
 
 def _call_kwargs(family):
-    kw = {"height": DEFAULT_SIZE[family], "width": DEFAULT_SIZE[family]}
-    if family != "sd":
+    size = DEFAULT_SIZE[family]
+    kw = {"height": size, "width": size}
+    if family not in ("sd", "sdxl"):
         kw["max_sequence_length"] = 32
+    if family == "flux_kontext":  # an input image per prompt, kept at its size
+        kw.update(image=[Image.new("RGB", (size, size), c) for c in ("red", "blue")], max_area=size * size,
+                  _auto_resize=False)
     return kw
 
 
 def _run(pipe, family, seed=0, steps=2):
     gen = torch.Generator().manual_seed(seed)
-    return pipe(PROMPTS, num_inference_steps=steps, generator=gen, output_type="latent",
+    return pipe(prompt=PROMPTS, num_inference_steps=steps, generator=gen, output_type="latent",
                 **_call_kwargs(family)).images
 
 
@@ -41,8 +48,11 @@ def _encode(pipe, family, prompt):
         seq, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, do_classifier_free_guidance=False,
                                                max_sequence_length=32)
         return seq, pooled
-    if family == "flux":
+    if family in ("flux", "flux_kontext"):
         seq, pooled, _ = pipe.encode_prompt(prompt, prompt, max_sequence_length=32)
+        return seq, pooled
+    if family == "sdxl":
+        seq, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
         return seq, pooled
     seq, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
     return seq, None
@@ -128,7 +138,7 @@ def test_sd_prediction_type_and_unknown_family():
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.steps_offset == 1
     with pytest.raises(ValueError):
-        build_tiny("sdxl")
+        build_tiny("sd4")
 
 
 def test_bfloat16_build():

@@ -32,14 +32,16 @@ def load_policy(args, device=None):
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # weights already in --dtype
     found = family_of_pipeline(type(pipe).__name__)  # a hub id is only resolved once loaded
     family = found.name if found is not None else family
-    kw = {"max_sequence_length": args.max_sequence_length} if found and "max_sequence_length" in found.options else {}
+    # the adapter options this family takes that the command line sets
+    kw = {k: getattr(args, k) for k in ("max_sequence_length", "auto_resize") if found and k in found.options}
     return policy_from_pipeline(pipe, **kw), family
 
 
-def sample_images(policy, family, prompts, args, per_prompt: int, sde: bool, prompt_ids=None):
+def sample_images(policy, family, prompts, args, per_prompt: int, sde: bool, prompt_ids=None, inputs=None):
     """``per_prompt`` samples of each prompt (ODE, or the SDE with ``sde``), in batches of --batch-size prompts.
     Sample j of a prompt is seeded by (--seed, its prompt id, j): the same image whatever batch or process draws
-    it. ``prompt_ids`` default to the prompts' positions."""
+    it. ``prompt_ids`` default to the prompts' positions; ``inputs``: editing models' input images, one per
+    prompt."""
     import torch
 
     from flowrl.sampling import Constant, DDIMEta, Flat, FlowSDE, rollout
@@ -56,7 +58,8 @@ def sample_images(policy, family, prompts, args, per_prompt: int, sde: bool, pro
         forest = rollout(policy, chunk, plan=Flat(per_prompt), kernel=kernel,
                          schedule=Constant(1.0 if sde else 0.0), num_steps=args.steps,
                          guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
-                         prompt_ids=ids[i:i + len(chunk)], before_step=before_step)
+                         prompt_ids=ids[i:i + len(chunk)], before_step=before_step,
+                         images=None if inputs is None else inputs[i:i + len(chunk)])
         images.append(policy.decode(forest.latents[forest.leaves()]))
     if before_step is not None:
         policy.pipe.enable_lora()

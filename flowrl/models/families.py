@@ -43,13 +43,14 @@ FAMILIES = {
     "sdxl": Family("sdxl", "StableDiffusionXLPipeline", "SDXLPolicy", "unet", _UNET_ATTN, (), kernel="ddim"),
     # flow_grpo's Kontext and Qwen-Image recipes adapt the same attention projections as FLUX / SD3
     "flux_kontext": Family("flux_kontext", "FluxKontextPipeline", "FluxKontextPolicy", "transformer", _JOINT_ATTN,
-                           ("max_sequence_length", "true_cfg_scale"), task="edit"),
+                           ("max_sequence_length", "true_cfg_scale", "auto_resize"), task="edit"),
     "qwen_image": Family("qwen_image", "QwenImagePipeline", "QwenImagePolicy", "transformer", _JOINT_ATTN,
                          ("max_sequence_length",)),
     "qwen_image_edit": Family("qwen_image_edit", "QwenImageEditPipeline", "QwenImageEditPolicy", "transformer",
                               _JOINT_ATTN, ("max_sequence_length",), task="edit"),
     # Wan 2.1: self- and cross-attention of every block (flow_grpo's Wan LoRA)
-    "wan": Family("wan", "WanPipeline", "WanPolicy", "transformer", _WAN_ATTN, ("max_sequence_length",), task="t2v"),
+    "wan": Family("wan", "WanPipeline", "WanPolicy", "transformer", _WAN_ATTN, ("max_sequence_length", "num_frames"),
+                  task="t2v"),
 }
 
 

@@ -84,7 +84,8 @@ def make_plan(spec: dict, seed: int = 0):
 
 
 def model_family(path: str) -> str:
-    """The family name (flowrl.models.FAMILIES), from ``tiny:<family>`` or the folder's model_index.json; checked before loading.
+    """The family name (flowrl.models.FAMILIES), from ``tiny:<family>`` or the folder's model_index.json;
+    checked before loading.
 
     A hub id is accepted as is when the hub is reachable, and must be in the local cache when HF_HUB_OFFLINE is
     set (otherwise loading would fail minutes later)."""
@@ -151,7 +152,8 @@ def prompt_file(path: str, key: str = "data.train_prompts") -> Path:
 
 def load_prompts(path: str, key: str = "data.train_prompts") -> PromptSet:
     """A .txt file (one prompt a line, blank lines skipped) or .jsonl ({"prompt": ..., other keys: metadata}),
-    by path or shipped name (``prompts:toy_heldout``)."""
+    by path or shipped name (``prompts:toy_heldout``). An ``image`` key (editing prompts: the input image) is a
+    path relative to the file's folder, resolved and checked here."""
     p = prompt_file(path, key)
     prompts, metadata = [], []
     if p.suffix == ".jsonl":
@@ -164,6 +166,8 @@ def load_prompts(path: str, key: str = "data.train_prompts") -> PromptSet:
                 raise ConfigError(f"{key}: {path}:{i} is not valid JSON: {e.msg}") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise ConfigError(f"{key}: {path}:{i} has no string field 'prompt'")
+            if "image" in row:
+                row["image"] = _input_image(row["image"], p.parent, f"{key}: {path}:{i}")
             prompts.append(row.pop("prompt"))
             metadata.append(row)
     elif p.suffix == ".txt":
@@ -174,6 +178,34 @@ def load_prompts(path: str, key: str = "data.train_prompts") -> PromptSet:
     if not prompts:
         raise ConfigError(f"{key}: {path} holds no prompts")
     return PromptSet(prompts, metadata)
+
+
+def _input_image(value, folder: Path, where: str) -> str:
+    """An editing row's input image: a path relative to the prompt file's folder (or absolute), checked now."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: 'image' must be a path to an image file, got {value!r}")
+    path = Path(value) if Path(value).is_absolute() else folder / value
+    if not path.is_file():
+        raise ConfigError(f"{where}: input image not found: {path}")
+    return str(path.resolve())
+
+
+def prompt_images(metadata: list[dict], where: str = "prompts") -> list:
+    """The input images (RGB PIL) of editing prompts, one per row, from their 'image' field."""
+    from PIL import Image, UnidentifiedImageError
+
+    missing = [i for i, m in enumerate(metadata) if "image" not in m]
+    if missing:
+        raise ConfigError(f"{where}: an editing model needs an 'image' field on every prompt row; rows "
+                          f"{missing[:5]} have none")
+    images = []
+    for m in metadata:
+        try:
+            with Image.open(m["image"]) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise ConfigError(f"{where}: cannot read input image {m['image']}: {e}") from None
+    return images
 
 
 def balance_weights(metadata: list[dict], key: str, shares: dict | None = None) -> torch.Tensor:

@@ -43,12 +43,14 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "tiny:sd3"               # a diffusers folder, a hub id, toy:shapes (shipped) or tiny:<sd3|flux|sd>
+    path: str = "tiny:sd3"               # a diffusers folder, a hub id, toy:shapes (shipped) or tiny:<family>
     dtype: str = "float32"               # weights of the frozen parts; trained weights stay float32
     max_sequence_length: int = 256       # T5 tokens (SD3 / FLUX)
     height: int | None = None            # None: the pipeline's default resolution
     width: int | None = None
-    true_cfg_scale: float = 1.0          # FLUX only: true CFG with a negative prompt
+    true_cfg_scale: float = 1.0          # FLUX / Kontext only: true CFG with a negative prompt
+    auto_resize: bool = True             # Kontext: input images resized to its preferred resolutions
+    num_frames: int = 81                 # Wan: frames per clip (4k + 1)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
+from flowrl.models.families import FAMILIES
 from flowrl.sampling import rollout
 from flowrl.sampling.analytic import GaussianFlowPolicy
 from flowrl.train import builders
@@ -23,10 +24,11 @@ COLUMNS = ("rollout calls", "forward passes", "edges", "stochastic", "leaves", "
 
 
 def cfg_passes(cfg) -> int:
-    """Forward passes per model evaluation: 2 under classifier-free guidance (FLUX's guidance is an embedding:
-    2 only with true CFG)."""
+    """Forward passes per model evaluation: 2 under classifier-free guidance (the families with a
+    ``true_cfg_scale`` option, FLUX and Kontext, take guidance as an embedding: 2 only with true CFG)."""
     family = builders.model_family(cfg.model.path)
-    if family == "flux" or (family == "unknown" and "flux" in cfg.model.path.lower()):  # a hub id, not cached
+    true_cfg = "true_cfg_scale" in FAMILIES[family].options if family in FAMILIES else "flux" in cfg.model.path.lower()
+    if true_cfg:  # an unknown family is a hub id not cached here: guessed from its name
         return 2 if cfg.model.true_cfg_scale > 1 else 1
     return 2 if cfg.sampling.guidance_scale > 1 else 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from flowrl.sampling import Constant, Flat, rollout
+from flowrl.train import builders
 from flowrl.train.images import load_grid, save_grid
 
 GRID_IMAGES = 32
@@ -29,13 +30,17 @@ class Evaluator:
     def images(self, indices: list[int]) -> torch.Tensor:
         """ODE samples (one per prompt, the eval seed) of the given eval prompts with the eval weights."""
         c = self.cfg
+        images = None
+        if self.policy.needs_image:
+            images = builders.prompt_images([self.eval_set.metadata[i] for i in indices], "data.eval_prompts")
         with self.views.use("eval"), self.acc.autocast():
             guidance = c.sampling.guidance_scale if c.eval.guidance_scale is None else c.eval.guidance_scale
             forest = rollout(self.policy, [self.eval_set.prompts[i] for i in indices], plan=Flat(1),
                              kernel=self.kernel, schedule=Constant(0.0),
                              num_steps=c.eval.num_steps or c.sampling.num_steps, guidance_scale=guidance,
                              height=c.model.height, width=c.model.width, seed=c.eval.seed, prompt_ids=indices,
-                             negative_prompt=c.sampling.negative_prompt, max_batch=c.sampling.max_batch)
+                             negative_prompt=c.sampling.negative_prompt, max_batch=c.sampling.max_batch,
+                             images=images)
             return self.decode(forest.latents[forest.leaves()])
 
     @torch.no_grad()

@@ -72,8 +72,9 @@ class Trainer:
         step = self.cfg.sampling.max_batch or len(latents)
         return torch.cat([self.policy.decode(latents[i:i + step]) for i in range(0, len(latents), step)])
 
-    def _rollout(self, prompts, prompt_ids, iteration):
+    def _rollout(self, prompts, meta, prompt_ids, iteration):
         c = self.cfg
+        images = builders.prompt_images(meta, "data.train_prompts") if self.policy.needs_image else None
         with self.acc.autocast():
             return rollout(self.policy, prompts, plan=self.plan, kernel=self.kernel, schedule=self.schedule,
                            num_steps=c.sampling.num_steps, guidance_scale=c.sampling.guidance_scale,
@@ -81,7 +82,7 @@ class Trainer:
                            prompt_ids=prompt_ids, negative_prompt=c.sampling.negative_prompt,
                            ode_solver=c.sampling.ode_solver, reduction=c.training.log_prob_reduction,
                            max_batch=c.sampling.max_batch, record=self.objective.record,
-                           post_window=self.post_window)
+                           post_window=self.post_window, images=images)
 
     def evaluate(self, it: int) -> dict:
         return self.evaluator.evaluate(it)
@@ -121,7 +122,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         with self.views.use("sampling"):
-            forest = self._rollout(prompts, local, it)
+            forest = self._rollout(prompts, meta, local, it)
         t_rollout = time.perf_counter() - t0
         leaves = forest.leaves()
         leaf_prompt = forest.node_prompt[leaves].tolist()

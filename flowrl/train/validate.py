@@ -162,6 +162,14 @@ def validate(cfg: Config) -> None:
                           f"({'ddim' if model_kernel == 'ddim' else 'a flow kernel: flow_sde, flow_sde_const, cps'})")
 
     check_data_and_rewards(cfg)
+    if family in FAMILIES and FAMILIES[family].task == "edit":  # every row needs its input image, found now
+        for key in ("data.train_prompts", "data.eval_prompts"):
+            path = getattr(cfg.data, key.split(".")[1])
+            rows = builders.load_prompts(path, key).metadata if path else []
+            missing = [i for i, m in enumerate(rows) if "image" not in m]
+            if missing:
+                raise ConfigError(f"{key}: {family} edits an input image: every row needs an 'image' field "
+                                  f"(a path relative to the prompt file); rows {missing[:5]} have none")
 
 
 def check_data_and_rewards(cfg) -> dict[str, float]:

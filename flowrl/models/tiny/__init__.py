@@ -45,8 +45,9 @@ __all__ = [
     "tiny_flux_pipeline", "tiny_sd3_pipeline", "tiny_sd_pipeline",
 ]
 
-FAMILIES = ("sd3", "flux", "sd", "sdxl", "flux_kontext", "qwen_image", "qwen_image_edit", "wan")
-DEFAULT_SIZE = {"sd3": 64, "flux": 64, "sd": 64}  # pixels; latents are (4, 32, 32) before Flux packing
+FAMILIES = ("sd3", "flux", "sd", "sdxl", "flux_kontext")
+# pixels; latents are (4, 32, 32) before Flux packing
+DEFAULT_SIZE = {"sd3": 64, "flux": 64, "sd": 64, "sdxl": 64, "flux_kontext": 64, "wan": 32}
 
 # Every word is a single token in both tokenizers, so short prompts never overflow short max lengths.
 WORDS = tuple("""
@@ -213,8 +214,14 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Flu
 
     Latents are 4 channels packed 2x2 into 16-channel tokens; call with ``height=width=64``.
     """
+    return _build(seed, dtype, FluxPipeline, tiny_flux_builders())
+
+
+def tiny_flux_builders() -> dict:
+    """The tiny FLUX components as ``_build`` builders: shared by FluxPipeline and FluxKontextPipeline, which
+    take the same modules (so one seed gives both the same weights)."""
     tok, tok2 = clip_tokenizer(), t5_tokenizer()
-    return _build(seed, dtype, FluxPipeline, {
+    return {
         "transformer": lambda: FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
@@ -226,7 +233,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Flu
             num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
             base_image_seq_len=256, max_image_seq_len=4096),
         "tokenizer": lambda: tok, "tokenizer_2": lambda: tok2,
-    })
+    }
 
 
 def sd_scheduler(kind: str = "ddim", prediction_type: str = "epsilon"):
@@ -270,9 +277,11 @@ def tiny_sd_pipeline(
 
 _BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline, "sd": tiny_sd_pipeline}
 # the newer families live in their own modules, imported on first use
-_LAZY_BUILDERS = {"sdxl": "sdxl:tiny_sdxl_pipeline", "flux_kontext": "kontext:tiny_flux_kontext_pipeline",
-                  "qwen_image": "qwen:tiny_qwen_image_pipeline", "qwen_image_edit": "qwen:tiny_qwen_image_edit_pipeline",
-                  "wan": "wan:tiny_wan_pipeline"}
+_LAZY_BUILDERS = {
+    "sdxl": "sdxl:tiny_sdxl_pipeline",
+    "flux_kontext": "kontext:tiny_flux_kontext_pipeline",
+    "wan": "wan:tiny_wan_pipeline",
+}
 
 
 def build_tiny(family: str, seed: int = 0, **kw):
