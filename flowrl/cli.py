@@ -65,18 +65,23 @@ def _inputs(policy, metadata):
 
 def _sample(args) -> None:
     from flowrl.bench.sampling import load_policy, sample_images
-    from flowrl.train.images import save_grid
+    from flowrl.train.images import save_clip, save_grid
 
     prompts, metadata = _prompts(args)
     policy, family = load_policy(args)
     images = sample_images(policy, family, prompts, args, args.num, args.sde, inputs=_inputs(policy, metadata))
     out = Path(args.out)
     grid = save_grid(images, out / "grid.png", cols=args.num if args.num > 1 else 8)
-    from PIL import Image
+    names = [f"{i // args.num:04d}_{i % args.num:02d}" for i in range(len(images))]
+    if policy.video:  # clips: one animated GIF each
+        for name, clip in zip(names, images):
+            save_clip(clip, out / f"{name}.gif")
+    else:
+        from PIL import Image
 
-    for i, img in enumerate((images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()):
-        Image.fromarray(img).save(out / f"{i // args.num:04d}_{i % args.num:02d}.png")
-    print(f"flowrl: {len(images)} images in {out} (grid: {grid})")
+        for name, img in zip(names, (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()):
+            Image.fromarray(img).save(out / f"{name}.png")
+    print(f"flowrl: {len(images)} {'clips' if policy.video else 'images'} in {out} (grid: {grid})")
 
 
 def _eval(args) -> None:

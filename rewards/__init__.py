@@ -24,12 +24,13 @@ from .programmatic import COLORS, Brightness, Color, JpegCompressibility, JpegIn
 from .remote import GenEvalRemote, RemoteReward
 from .text import AnswerFormat, ExactAnswer, Overlong, TextReward, soft_overlong_penalty
 from .toy import ShapesReward
+from .video import TemporalConsistency
 from .vlm import VLMJudge
 
 __all__ = [
     "REWARDS", "RANGE_TOL", "Reward", "RewardOutputError", "build_reward", "parse_reward_spec", "register",
     "MultiReward", "COLORS", "Brightness", "Color", "JpegCompressibility", "JpegIncompressibility",
-    "color_from_prompt", "ShapesReward",
+    "color_from_prompt", "ShapesReward", "TemporalConsistency",
     "ModelReward", "PickScore", "CLIPScore", "Aesthetic", "HPSv2", "HPSv21", "ImageReward",
     "GenEvalRemote", "OcrReward", "PairwiseWinRate", "RemoteReward", "VLMJudge",
     "TextReward", "ExactAnswer", "AnswerFormat", "Overlong", "soft_overlong_penalty",

@@ -8,6 +8,12 @@ A reward maps a batch of decoded images and their prompts to one or more named s
 Rewards on language-model completions (rewards.text.TextReward, ``modality = "text"``) take a list of N
 completion strings in place of the images; everything else below is the same.
 
+Video. Text-to-video policies decode clips (N, F, 3, H, W). An image reward (``modality = "image"``) scores
+such a batch frame-wise: every ``frame_stride``-th frame is scored as an image with its clip's prompt and
+metadata, and each score is the mean over the clip's scored frames. A reward that judges the whole clip sets
+``modality = "video"`` and gets the 5-D batch itself. ``frame_stride`` is an instance attribute (default 1),
+set from the reward's kwargs like any other option (``rewards.kwargs: {ocr: {frame_stride: 4}}``).
+
 ``groups`` says which samples are compared with each other (the trainer passes each sample's prompt slot).
 Pointwise rewards ignore it; a reward that ranks samples within their group (Pref-GRPO's pairwise win rate)
 sets ``uses_groups = True``, gets it as a fourth argument of ``score`` and refuses a call without it.
@@ -50,7 +56,8 @@ class Reward:
     main_key: str = "score"   # local key of the score a weight applies to
     needs_grad: bool = False  # False: __call__ runs score under torch.no_grad
     uses_groups: bool = False  # True: score(images, prompts, metadata, groups) and groups are required
-    modality: str = "image"    # what score() takes: decoded images, or completions (rewards.text.TextReward)
+    modality: str = "image"    # what score() takes: decoded images, clips ("video") or completions ("text")
+    frame_stride: int = 1      # clips scored by an image reward: every frame_stride-th frame
 
     def score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor | dict[str, Tensor]:
         raise NotImplementedError
@@ -70,12 +77,25 @@ class Reward:
         n = self._check_samples(images)
         prompts, metadata = self._check_context(prompts, metadata, n)
         groups = self._check_groups(groups, n)
+        if self.modality == "image" and images.dim() == 5:
+            return self._frame_wise(images, prompts, metadata, groups)
         with torch.set_grad_enabled(self.needs_grad and torch.is_grad_enabled()):
             if self.uses_groups:
                 raw = self.score(images, prompts, metadata, groups)
             else:
                 raw = self.score(images, prompts, metadata)
         return self._check_outputs(raw, n, images.device if isinstance(images, Tensor) else torch.device("cpu"))
+
+    def _frame_wise(self, clips: Tensor, prompts: list[str], metadata: list[dict], groups) -> dict[str, Tensor]:
+        """An image reward on clips: the mean of its scores over each clip's frames (every frame_stride-th)."""
+        if self.uses_groups:
+            raise ValueError(f"reward {self.label!r} ranks images within groups; frames of one clip would be "
+                             "ranked against each other: score clips with a video reward (modality 'video')")
+        frames = clips[:, ::self.frame_stride]
+        n, f = frames.shape[:2]
+        out = self(frames.flatten(0, 1), [p for p in prompts for _ in range(f)],
+                   [m for m in metadata for _ in range(f)])
+        return {k: v.view(n, f).mean(1) for k, v in out.items()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.label!r})"
@@ -86,8 +106,11 @@ class Reward:
         who = f"reward {self.label!r}"
         if not isinstance(images, Tensor):
             raise ValueError(f"{who}: images must be a torch.Tensor, got {type(images).__name__}")
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"{who}: images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+        if self.modality == "video" and (images.dim() != 5 or images.shape[2] != 3):
+            raise ValueError(f"{who}: scores clips of shape (N, frames, 3, H, W), got {tuple(images.shape)}")
+        if images.dim() not in (4, 5) or images.shape[-3] != 3:
+            raise ValueError(f"{who}: images must have shape (N, 3, H, W), got {tuple(images.shape)} (clips: "
+                             "(N, frames, 3, H, W))")
         if not images.is_floating_point():
             raise ValueError(f"{who}: images must be floating point in [0, 1], got dtype {images.dtype}")
         n = images.shape[0]
@@ -205,15 +228,19 @@ def build_reward(name: str, **kwargs) -> Reward:
     if name not in REWARDS:
         raise _unknown(name)
     cls = REWARDS[name]
+    stride = kwargs.pop("frame_stride", 1)  # the base class's option, not the constructor's
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"reward {name!r}: frame_stride must be an int >= 1, got {stride!r}")
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as e:
         params = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
         unexpected = [k for k in kwargs if k not in params]
         what = f"unexpected argument(s) {unexpected}" if unexpected else str(e)
-        raise ValueError(f"reward {name!r}: {what}; accepted arguments: {params}") from None
+        raise ValueError(f"reward {name!r}: {what}; accepted arguments: {params + ['frame_stride']}") from None
     reward = cls(**kwargs)
     reward.name = name
+    reward.frame_stride = stride
     return reward
 
 

@@ -35,14 +35,15 @@ class MultiReward:
             self.close()  # release whatever was already built
             raise
         kinds = {r.modality for r in self.rewards.values()}
-        if len(kinds) > 1:
+        if "text" in kinds and len(kinds) > 1:  # image rewards may join video ones (frame-wise), text neither
             self.close()
             by = {n: r.modality for n, r in self.rewards.items()}
             raise ValueError(f"rewards {by} score different things; one run's rewards share one modality")
 
     @property
     def modality(self) -> str:
-        return next(iter(self.rewards.values())).modality if self.rewards else "image"
+        kinds = {r.modality for r in self.rewards.values()}
+        return "video" if "video" in kinds else next(iter(kinds), "image")
 
     @property
     def weights(self) -> dict[str, float]:

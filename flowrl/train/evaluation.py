@@ -72,8 +72,8 @@ class Evaluator:
         if start == 0:
             self.before = self.images(spread(n, len(self.eval_set)))
             save_grid(self.before, before, cols=n)
-        elif before.is_file():
-            self.before = load_grid(before, n)
+        elif before.is_file() or before.with_suffix(".gif").is_file():  # a video model's grid is a GIF
+            self.before = load_grid(before if before.is_file() else before.with_suffix(".gif"), n)
 
     def before_after(self) -> None:
         """The same prompts and seeds before and after training, one row each. Main process only."""
