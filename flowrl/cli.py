@@ -207,6 +207,8 @@ def sampling_options(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per sampling call")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-sequence-length", type=int, default=256)
+    p.add_argument("--num-frames", type=int, default=None, help="video models: frames per clip (default: the "
+                   "adapter's, Wan 81)")
     p.add_argument("--auto-resize", action=argparse.BooleanOptionalAction, default=True,
                    help="FLUX Kontext: resize input images to its preferred resolutions (as its pipeline does)")
     p.add_argument("--out", required=True)

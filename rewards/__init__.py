@@ -13,7 +13,7 @@ from .base import (
     parse_reward_spec,
     register,
 )
-from .clip_similarity import CLIPScore, PickScore
+from .clip_similarity import CLIPScore, ImageSimilarity, PickScore
 from .hps import HPSv2, HPSv21
 from .imagereward import ImageReward
 from .model_reward import ModelReward
@@ -31,7 +31,7 @@ __all__ = [
     "REWARDS", "RANGE_TOL", "Reward", "RewardOutputError", "build_reward", "parse_reward_spec", "register",
     "MultiReward", "COLORS", "Brightness", "Color", "JpegCompressibility", "JpegIncompressibility",
     "color_from_prompt", "ShapesReward", "TemporalConsistency",
-    "ModelReward", "PickScore", "CLIPScore", "Aesthetic", "HPSv2", "HPSv21", "ImageReward",
+    "ModelReward", "PickScore", "CLIPScore", "ImageSimilarity", "Aesthetic", "HPSv2", "HPSv21", "ImageReward",
     "GenEvalRemote", "OcrReward", "PairwiseWinRate", "RemoteReward", "VLMJudge",
     "TextReward", "ExactAnswer", "AnswerFormat", "Overlong", "soft_overlong_penalty",
 ]

@@ -74,3 +74,12 @@ def normalize(images: Tensor, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Seq
 
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "normalize", "resize_center_crop", "resize_longest_pad"]
+
+
+def load_rgb(path: str) -> Tensor:
+    """An image file as (3, H, W) float in [0, 1] (8-bit RGB, as decoded images are compared)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255

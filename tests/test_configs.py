@@ -33,6 +33,8 @@ USER_PROVIDED_TRAIN = {
     "sd3_flowgrpo_ocr.yaml": ("../data/ocr/train.txt", "prompts:ocr_test"),
     "sd3_grpo_guard_geneval.yaml": ("../data/geneval/train_metadata.jsonl", "prompts:geneval_test_metadata"),
     "sd3_tempflow_geneval.yaml": ("../data/geneval/train_metadata.jsonl", "prompts:geneval_test_metadata"),
+    "flux_kontext_flowgrpo_counting.yaml": ("../data/counting_edit/train.jsonl", "prompts:tiny_edit"),
+    "wan_flowgrpo_ocr.yaml": ("../data/ocr/train.txt", "prompts:ocr_test"),
 }
 
 EXPECTED_RECIPES = {"tiny_smoke.yaml", "sd3_flowgrpo_pickscore.yaml", "sd3_flowgrpo_geneval.yaml",
@@ -60,7 +62,16 @@ def _family(raw: dict) -> str:
     path = raw.get("model", {}).get("path", "tiny:sd3")
     if path.startswith("tiny:"):
         return path.split(":", 1)[1]
-    return "flux" if "flux" in path.lower() else "sd3"
+    return hub_family(path)
+
+
+# a hub id's family, by the first of these its name contains (the recipes name hub ids, not cached here)
+HUB_FAMILIES = (("kontext", "flux_kontext"), ("flux", "flux"), ("qwen-image-edit", "qwen_image_edit"),
+                ("qwen-image", "qwen_image"), ("wan", "wan"), ("xl", "sdxl"), ("stable-diffusion-v1", "sd"))
+
+
+def hub_family(path: str) -> str:
+    return next((fam for key, fam in HUB_FAMILIES if key in path.lower()), "sd3")
 
 
 def _standins(path: Path) -> list[str]:
@@ -172,7 +183,10 @@ def test_lora_targets_exist_in_model(path):
     from flowrl.models.tiny import build_tiny
 
     raw = _raw(path)
-    names = [n for n, _ in build_tiny(_family(raw), seed=0).transformer.named_modules()]
+    from flowrl.models import FAMILIES
+
+    family = _family(raw)
+    names = [n for n, _ in getattr(build_tiny(family, seed=0), FAMILIES[family].component).named_modules()]
     for target in raw["finetune"]["lora_target_modules"]:
         assert any(n == target or n.endswith("." + target) for n in names), f"{path.name}: {target} matches nothing"
 

@@ -87,6 +87,26 @@ def test_pickscore_is_logit_scale_times_cosine(clip_dir, clip_ref):
     torch.testing.assert_close(flow_grpo, out["pickscore"] / 26)
 
 
+def test_image_similarity_is_the_image_embedding_cosine_with_the_input(clip_dir, clip_ref, tmp_path):
+    x, refs = images(3, 40, 40, seed=2), images(3, 48, 40, seed=3)
+    paths = []
+    for i, im in enumerate(to_pil(refs)):
+        im.save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    model, proc = clip_ref
+    with torch.no_grad():
+        a = model.get_image_features(pixel_values=proc(images=to_pil(x), return_tensors="pt")["pixel_values"])
+        b = model.get_image_features(pixel_values=proc(images=to_pil(refs), return_tensors="pt")["pixel_values"])
+    want = F.cosine_similarity(a.pooler_output, b.pooler_output, dim=-1)
+    reward = build_reward("image_similarity", model=clip_dir)
+    got = reward(x, PROMPTS[:3], [{"image": p} for p in paths])["image_similarity"]
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)  # tensor vs PIL resizing, as for PickScore
+    same = reward(refs, PROMPTS[:3], [{"image": p} for p in paths])["image_similarity"]
+    torch.testing.assert_close(same, torch.ones(3), atol=1e-5, rtol=0)  # an unedited image scores 1
+    with pytest.raises(ValueError, match=r"metadata\['image'\].*samples \[1\]"):
+        reward(x, PROMPTS[:3], [{"image": paths[0]}, {}, {"image": paths[2]}])
+
+
 def test_clipscore_is_w_times_clamped_cosine(clip_dir, clip_ref):
     x = images(8, 40, 40, seed=1)
     prompts = (PROMPTS * 2)[::-1]

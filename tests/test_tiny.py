@@ -21,7 +21,7 @@ from flowrl.models.tiny import (  # noqa: E402
 
 # flux latents are packed 2x2 into tokens
 LATENT_SHAPE = {"sd3": (2, 4, 32, 32), "flux": (2, 256, 16), "sd": (2, 4, 32, 32), "sdxl": (2, 4, 32, 32),
-                "flux_kontext": (2, 256, 16)}
+                "flux_kontext": (2, 256, 16), "wan": (2, 16, 2, 4, 4)}  # wan: 5 frames -> 2 latent frames
 PROMPTS = ["a red circle left of a blue square", "three green triangles on a white background"]
 
 
@@ -30,6 +30,8 @@ def _call_kwargs(family):
     kw = {"height": size, "width": size}
     if family not in ("sd", "sdxl"):
         kw["max_sequence_length"] = 32
+    if family == "wan":
+        kw["num_frames"] = 5
     if family == "flux_kontext":  # an input image per prompt, kept at its size
         kw.update(image=[Image.new("RGB", (size, size), c) for c in ("red", "blue")], max_area=size * size,
                   _auto_resize=False)
@@ -38,8 +40,9 @@ def _call_kwargs(family):
 
 def _run(pipe, family, seed=0, steps=2):
     gen = torch.Generator().manual_seed(seed)
-    return pipe(prompt=PROMPTS, num_inference_steps=steps, generator=gen, output_type="latent",
-                **_call_kwargs(family)).images
+    out = pipe(prompt=PROMPTS, num_inference_steps=steps, generator=gen, output_type="latent",
+               **_call_kwargs(family))
+    return out.frames if family == "wan" else out.images
 
 
 def _encode(pipe, family, prompt):
@@ -51,6 +54,9 @@ def _encode(pipe, family, prompt):
     if family in ("flux", "flux_kontext"):
         seq, pooled, _ = pipe.encode_prompt(prompt, prompt, max_sequence_length=32)
         return seq, pooled
+    if family == "wan":
+        seq, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=32)
+        return seq, None
     if family == "sdxl":
         seq, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
         return seq, pooled

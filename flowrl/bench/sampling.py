@@ -33,7 +33,8 @@ def load_policy(args, device=None):
     found = family_of_pipeline(type(pipe).__name__)  # a hub id is only resolved once loaded
     family = found.name if found is not None else family
     # the adapter options this family takes that the command line sets
-    kw = {k: getattr(args, k) for k in ("max_sequence_length", "auto_resize") if found and k in found.options}
+    kw = {k: getattr(args, k) for k in ("max_sequence_length", "auto_resize", "num_frames")
+          if found and k in found.options and getattr(args, k, None) is not None}
     return policy_from_pipeline(pipe, **kw), family
 
 
