@@ -39,7 +39,7 @@ def policy_from_pipeline(pipe, **kwargs):
 
 def load_pipeline(path_or_id: str, dtype=None):
     """A frozen, eval-mode pipeline from a diffusers folder or hub id (``from_pretrained``), ``toy:shapes``, or
-    ``tiny:<sd3|flux|sd>`` (built offline in code)."""
+    ``tiny:<family>`` (built offline in code)."""
     import torch
 
     if path_or_id.startswith("tiny:"):

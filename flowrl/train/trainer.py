@@ -72,9 +72,11 @@ class Trainer:
         step = self.cfg.sampling.max_batch or len(latents)
         return torch.cat([self.policy.decode(latents[i:i + step]) for i in range(0, len(latents), step)])
 
-    def _rollout(self, prompts, meta, prompt_ids, iteration):
+    def _rollout(self, prompts, prompt_ids, iteration, meta=None):
+        """``meta``: the prompts' rows (editing models read their input images from it)."""
         c = self.cfg
-        images = builders.prompt_images(meta, "data.train_prompts") if self.policy.needs_image else None
+        rows = meta if meta is not None else [{} for _ in prompts]
+        images = builders.prompt_images(rows, "data.train_prompts") if self.policy.needs_image else None
         with self.acc.autocast():
             return rollout(self.policy, prompts, plan=self.plan, kernel=self.kernel, schedule=self.schedule,
                            num_steps=c.sampling.num_steps, guidance_scale=c.sampling.guidance_scale,
@@ -122,7 +124,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         with self.views.use("sampling"):
-            forest = self._rollout(prompts, meta, local, it)
+            forest = self._rollout(prompts, local, it, meta)
         t_rollout = time.perf_counter() - t0
         leaves = forest.leaves()
         leaf_prompt = forest.node_prompt[leaves].tolist()
