@@ -43,20 +43,10 @@ class FluxPolicy(Policy):
         return Conditioning(cond=cond, uncond=uncond, shared={"txt_ids": text_ids})
 
     def latent_shape(self, height=None, width=None):
-        f = self.pipe.vae_scale_factor
-        h = 2 * (int(height or self.default_height) // (f * 2))
-        w = 2 * (int(width or self.default_width) // (f * 2))
-        seq = (h // 2) * (w // 2)
-        if self._sizes.get(seq, (h, w)) != (h, w):
-            raise ValueError(f"two resolutions with {seq} latent tokens in one FluxPolicy; use one per policy")
-        self._sizes[seq] = (h, w)
-        return (seq, self.denoiser.config.in_channels)
+        return packed_latent_shape(self, height, width)
 
     def _mu(self, height, width) -> float:
-        seq = self.latent_shape(height, width)[0]
-        cfg = self.pipe.scheduler.config
-        return calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                               cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        return packed_mu(self, height, width)
 
     def grid(self, num_steps, height=None, width=None):
         cfg = self.pipe.scheduler.config
@@ -89,3 +79,24 @@ class FluxPolicy(Policy):
         z = self.pipe._unpack_latents(latents.to(vae.dtype), h * f, w * f, f)
         z = z / vae.config.scaling_factor + vae.config.shift_factor
         return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+def packed_latent_shape(policy, height, width) -> tuple[int, int]:
+    """(tokens, channels) of latents packed 2x2 into tokens (FLUX, Qwen-Image). The policy keeps the one
+    resolution per token count in ``policy._sizes``, since decoding unpacks by the count."""
+    f = policy.pipe.vae_scale_factor
+    h = 2 * (int(height or policy.default_height) // (f * 2))
+    w = 2 * (int(width or policy.default_width) // (f * 2))
+    seq = (h // 2) * (w // 2)
+    if policy._sizes.get(seq, (h, w)) != (h, w):
+        raise ValueError(f"two resolutions with {seq} latent tokens in one {type(policy).__name__}; use one each")
+    policy._sizes[seq] = (h, w)
+    return (seq, policy.denoiser.config.in_channels)
+
+
+def packed_mu(policy, height, width) -> float:
+    """The scheduler's resolution-dependent shift for the generated tokens (dynamic shifting)."""
+    seq = packed_latent_shape(policy, height, width)[0]
+    cfg = policy.pipe.scheduler.config
+    return calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))

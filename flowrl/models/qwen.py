@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
+from flowrl.models.flux import packed_latent_shape, packed_mu
 from flowrl.models.sd3 import flow_grid, flow_tail_grid
 from flowrl.sampling.policy import Conditioning, Policy
 
@@ -66,20 +66,10 @@ class QwenImagePolicy(Policy):
 
     # ------------------------------------------------------------------------------------------- grid
     def latent_shape(self, height=None, width=None):
-        f = self.pipe.vae_scale_factor
-        h = 2 * (int(height or self.default_height) // (f * 2))
-        w = 2 * (int(width or self.default_width) // (f * 2))
-        seq = (h // 2) * (w // 2)
-        if self._sizes.get(seq, (h, w)) != (h, w):
-            raise ValueError(f"two resolutions with {seq} latent tokens in one {type(self).__name__}; use one each")
-        self._sizes[seq] = (h, w)
-        return (seq, self.denoiser.config.in_channels)
+        return packed_latent_shape(self, height, width)
 
     def _mu(self, height, width) -> float:
-        seq = self.latent_shape(height, width)[0]  # the noisy tokens only, also for edit
-        cfg = self.pipe.scheduler.config
-        return calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                               cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        return packed_mu(self, height, width)  # the noisy tokens only, also for edit
 
     def grid(self, num_steps, height=None, width=None):
         cfg = self.pipe.scheduler.config
