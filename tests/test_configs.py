@@ -35,6 +35,7 @@ USER_PROVIDED_TRAIN = {
     "sd3_tempflow_geneval.yaml": ("../data/geneval/train_metadata.jsonl", "prompts:geneval_test_metadata"),
     "flux_kontext_flowgrpo_counting.yaml": ("../data/counting_edit/train.jsonl", "prompts:tiny_edit"),
     "wan_flowgrpo_ocr.yaml": ("../data/ocr/train.txt", "prompts:ocr_test"),
+    "qwen_image_edit_flowgrpo_counting.yaml": ("../data/counting_edit/train.jsonl", "prompts:tiny_edit"),
 }
 
 EXPECTED_RECIPES = {"tiny_smoke.yaml", "sd3_flowgrpo_pickscore.yaml", "sd3_flowgrpo_geneval.yaml",

@@ -1,8 +1,9 @@
-"""The recipes of the newer pipelines (Wan video, FLUX Kontext editing, DDPO-style SD 1.5 / SDXL), end to end
-on their tiny pipelines: each keeps the values its header cites, validates offline, and trains two iterations
-with its own kernel, schedule, plan shape and advantage settings; only the model (the tiny one of its family),
-sizes, group counts, prompts and rewards are swapped. The video recipe's reward is frame-wise: the stand-in
-image reward must see every frame of every clip, and the edit recipe's rows carry their input images."""
+"""The recipes of the newer pipelines (Wan video, Qwen-Image, FLUX Kontext and Qwen-Image-Edit editing, DDPO-style
+SD 1.5 / SDXL), end to end on their tiny pipelines: each keeps the values its header cites, validates offline,
+and trains two iterations with its own kernel, schedule, plan shape and advantage settings; only the model (the
+tiny one of its family), sizes, group counts, prompts and rewards are swapped. The video recipe's reward is
+frame-wise: the stand-in image reward must see every frame of every clip, and the edit recipes' rows carry
+their input images."""
 from __future__ import annotations
 
 import json
@@ -42,8 +43,22 @@ PUBLISHED = {
         "model.path": "stabilityai/stable-diffusion-xl-base-1.0", "sampling.num_steps": 50,
         "sampling.kernel": {"name": "ddim", "eta": 1.0}, "training.updates_per_epoch": 2,
         "rewards.components": {"imagereward": 1.0}}),
+    "qwen_image_flowgrpo_pickscore.yaml": ("qwen_image", {
+        "model.path": "Qwen/Qwen-Image", "sampling.num_steps": 10, "sampling.guidance_scale": 4.0,
+        "sampling.negative_prompt": " ", "sampling.kernel": {"name": "flow_sde", "a": 1.2},
+        "sampling.schedule": {"name": "window", "size": 2, "start": [0, 3], "draw": "batch"},
+        "sampling.plan.G": 16, "data.prompts_per_iteration": 16, "advantages.estimator": "flow_grpo",
+        "training.kl_beta": 0.0, "finetune.ema_decay": 0.0, "finetune.lora_rank": 64,
+        "finetune.gradient_checkpointing": True, "eval.num_steps": 50, "rewards.components": {"pickscore": 1.0}}),
+    "qwen_image_edit_flowgrpo_counting.yaml": ("qwen_image_edit", {
+        "model.path": "Qwen/Qwen-Image-Edit", "model.image_area": 512 * 512, "sampling.num_steps": 10,
+        "sampling.guidance_scale": 4.0, "sampling.kernel": {"name": "flow_sde", "a": 1.0},
+        "sampling.schedule": {"name": "window", "size": 9, "start": 0}, "sampling.plan.G": 16,
+        "rewards.components": {"image_similarity": 0.2, "geneval": 0.8}, "training.kl_beta": 0.0,
+        "finetune.ema_decay": 0.0, "advantages.estimator": "flow_grpo"}),
 }
-STEPS = {"wan": 4, "flux_kontext": 6, "sd": 4, "sdxl": 4}  # tiny runs; the window recipes keep their step count
+# tiny runs; the window recipes keep their step count
+STEPS = {"wan": 4, "flux_kontext": 6, "sd": 4, "sdxl": 4, "qwen_image": 4, "qwen_image_edit": 4}
 
 
 @register("test_frame_counter")
@@ -91,6 +106,8 @@ def _overrides(name, out):
         sets += ["model.num_frames=5", "data.train_prompts=flowrl/data/prompts/tiny_train.txt"]
     elif family == "flux_kontext":
         sets += ["model.auto_resize=false", "data.train_prompts=prompts:tiny_edit"]
+    elif family == "qwen_image_edit":  # input images at 32 x 32 (the tiny VAE's smallest packable size)
+        sets += ["model.image_area=1024", "data.train_prompts=prompts:tiny_edit"]
     else:
         sets.append("data.train_prompts=flowrl/data/prompts/tiny_train.txt")
     return sets
@@ -112,7 +129,8 @@ def test_two_iterations_on_the_tiny_pipeline(name, tmp_path, monkeypatch):
     FrameCounter.seen = []
     trainer = Trainer(cfg)
     assert type(trainer.policy).__name__ == {"wan": "WanPolicy", "flux_kontext": "FluxKontextPolicy",
-                                             "sd": "SDPolicy", "sdxl": "SDXLPolicy"}[PUBLISHED[name][0]]
+                                             "sd": "SDPolicy", "sdxl": "SDXLPolicy", "qwen_image": "QwenImagePolicy",
+                                             "qwen_image_edit": "QwenImageEditPolicy"}[PUBLISHED[name][0]]
     trainer.train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]

@@ -47,7 +47,7 @@ FAMILIES = {
     "qwen_image": Family("qwen_image", "QwenImagePipeline", "QwenImagePolicy", "transformer", _JOINT_ATTN,
                          ("max_sequence_length",)),
     "qwen_image_edit": Family("qwen_image_edit", "QwenImageEditPipeline", "QwenImageEditPolicy", "transformer",
-                              _JOINT_ATTN, ("max_sequence_length",), task="edit"),
+                              _JOINT_ATTN, ("max_sequence_length", "image_area"), task="edit"),
     # Wan 2.1: self- and cross-attention of every block (flow_grpo's Wan LoRA)
     "wan": Family("wan", "WanPipeline", "WanPolicy", "transformer", _WAN_ATTN, ("max_sequence_length", "num_frames"),
                   task="t2v"),

@@ -129,7 +129,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
     RoPE shape is the second ``img_shapes`` entry, shared); the transformer's output on it is dropped.
 
     Input images are sized as the pipeline does: the aspect ratio of the first image of an ``encode`` call at
-    ``image_area`` pixels (the pipeline's hard-coded 1024 ** 2), rounded to multiples of 32, for every image of
+    ``image_area`` pixels (None: the pipeline's hard-coded 1024 ** 2), rounded to multiples of 32, for every image of
     the call (their tokens stack); each image is resized to it for both the VAE and the VL processor, which is
     what the pipeline does for one image (handed a list, its resize leaves the images as they are for the VL
     processor). The output resolution is the sampler's ``height`` / ``width`` (the pipeline's default is the
@@ -139,9 +139,11 @@ class QwenImageEditPolicy(QwenImagePolicy):
 
     needs_image = True
 
-    def __init__(self, pipe, max_sequence_length: int = 512, image_area: int = 1024 * 1024):
+    def __init__(self, pipe, max_sequence_length: int = 512, image_area: int | None = None):
         super().__init__(pipe, max_sequence_length=max_sequence_length)
-        self.image_area = image_area
+        if image_area is not None and image_area < 32 * 32:
+            raise ValueError(f"image_area must be at least 32 * 32 pixels, got {image_area}")
+        self.image_area = 1024 * 1024 if image_area is None else image_area
 
     def input_size(self, image) -> tuple[int, int]:
         """(height, width) in pixels the pipeline resizes ``image`` to."""

@@ -51,6 +51,7 @@ class ModelConfig:
     true_cfg_scale: float = 1.0          # FLUX / Kontext only: true CFG with a negative prompt
     auto_resize: bool = True             # Kontext: input images resized to its preferred resolutions
     num_frames: int = 81                 # Wan: frames per clip (4k + 1)
+    image_area: int | None = None        # Qwen-Image-Edit: input images sized to this many pixels (None: 1024 ** 2)
 
 
 @dataclass

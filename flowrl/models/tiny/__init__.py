@@ -46,7 +46,7 @@ __all__ = [
     "tiny_flux_pipeline", "tiny_sd3_pipeline", "tiny_sd_pipeline",
 ]
 
-FAMILIES = ("sd3", "flux", "sd", "sdxl", "flux_kontext", "wan")  # qwen_image(_edit): build_tiny, not yet in test_tiny
+FAMILIES = ("sd3", "flux", "sd", "sdxl", "flux_kontext", "wan", "qwen_image", "qwen_image_edit")
 # pixels; latents are (4, 32, 32) before Flux packing
 DEFAULT_SIZE = {"sd3": 64, "flux": 64, "sd": 64, "sdxl": 64, "flux_kontext": 64, "wan": 32,
                 "qwen_image": 64, "qwen_image_edit": 64}
