@@ -103,6 +103,46 @@ def test_true_cfg_is_rescaled_to_the_conditional_norm(pipes):
         (v_u + 4 * (v_c - v_u)).norm(dim=-1, keepdim=True)), atol=1e-6)
 
 
+def test_diffusion_nft_guides_with_the_rescale(pipes, one_thread):
+    """DiffusionNFT's guided velocity from a computed conditional one is the sampler's (rescaled) guided one."""
+    from flowrl.train.nft import guide, velocity
+
+    policy = _policy(pipes, T2I)
+    policy.latent_shape(SIZE, SIZE)  # registers the token grid
+    cond = policy.encode(PROMPTS[T2I], negative_prompt=NEG)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = (torch.randn(2, *policy.latent_shape(SIZE, SIZE), generator=g) for _ in range(2))
+    t, idx = torch.tensor([0.7, 0.3]), torch.arange(2)
+    args = (policy, cond, x0, noise, t, t * 1000, idx, 4.0)
+    v_c, v_guided = velocity(*args, guided=False), velocity(*args, guided=True)
+    assert torch.allclose(guide(*args, v_c), v_guided, atol=1e-5)
+    plain = policy.forward((1 - 0.7) * x0[:1] + 0.7 * noise[:1], t[:1] * 1000, cond.take(idx[:1], "uncond"),
+                           cond.shared, 4.0).float()
+    assert not torch.allclose(v_guided[:1], plain + 4 * (v_c[:1] - plain), atol=1e-3)  # the rescale is in it
+
+
+def test_flash_tail_grid_under_shift_terminal(pipes, one_thread):
+    """Qwen's scheduler stretches every grid to end at shift_terminal: MixGRPO-Flash's re-discretised tail starts
+    at the window's end, ends there too, and from sigma 1 with S + 1 points is the run's own grid."""
+    from flowrl.sampling.solvers import PostWindow
+
+    policy = _policy(pipes, T2I)
+    terminal = pipes[T2I].scheduler.config.shift_terminal
+    grid = policy.grid(10, SIZE, SIZE)
+    assert torch.allclose(policy.tail_grid(1.0, 11, SIZE, SIZE).sigmas, grid.sigmas, atol=1e-6)
+    for start in (0.05, float(grid.sigmas[4]), 0.9):
+        for points in (2, 3, 7):
+            tail = policy.tail_grid(start, points, SIZE, SIZE)
+            assert len(tail.sigmas) == points and tail.sigmas[-1] == 0 and (tail.sigmas.diff() < 0).all()
+            assert abs(float(tail.sigmas[0]) - start) < 1e-6
+            assert points == 2 or abs(float(tail.sigmas[-2]) - terminal) < 1e-6
+    with pytest.raises(ValueError, match="shift_terminal"):
+        policy.tail_grid(terminal / 2, 4, SIZE, SIZE)
+    forest = rollout(policy, PROMPTS[T2I][:1], plan=Flat(2), kernel=FlowSDE(), schedule=Window(size=2, start=1),
+                     num_steps=8, height=SIZE, width=SIZE, post_window=PostWindow())
+    assert torch.isfinite(forest.latents).all()
+
+
 @pytest.mark.parametrize("family", [T2I, EDIT])
 def test_loads_from_a_local_folder_and_decodes(family, tmp_path, small_area, one_thread):
     path = save_tiny(family, tmp_path / family)

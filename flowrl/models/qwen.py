@@ -22,8 +22,8 @@ class QwenImagePolicy(Policy):
     Guidance is Qwen-Image's true CFG with the sampler's ``guidance_scale`` as the pipeline's ``true_cfg_scale``
     (the transformer has no distilled guidance embedding, so there is nothing else for it to mean), and the
     pipeline's rescale: the guided velocity is scaled per token back to the conditional velocity's norm over the
-    packed channels, ``comb * (|v_c| / |comb|)``. The rollout and every re-score go through ``predict`` and so
-    use the same combination (``combine``).
+    packed channels, ``comb * (|v_c| / |comb|)`` (``combine``, which the rollout, every re-score and DiffusionNFT's
+    guided velocity use).
 
     Text embeddings are the Qwen2.5-VL last hidden states after the template's system prefix; rows of different
     lengths are zero-padded to one length with ``encoder_hidden_states_mask`` (the uncond rows too, so both
@@ -99,16 +99,6 @@ class QwenImagePolicy(Policy):
         """The pipeline's true CFG: ``v_u + w (v_c - v_u)`` rescaled per token to the norm of ``v_c``."""
         comb = out_u + self.cfg_weight(guidance_scale) * (out_c - out_u)
         return comb * (torch.norm(out_c, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
-
-    def predict(self, x, timesteps, cond, prompt_idx, guidance_scale, rows=None, detach_uncond=False):
-        if not self.uses_cfg(cond, guidance_scale):
-            return super().predict(x, timesteps, cond, prompt_idx, guidance_scale, rows=rows)
-        x_in = x.to(self.dtype)
-        rows = self.rows(cond, prompt_idx, guidance_scale) if rows is None else rows
-        out = self.forward(torch.cat([x_in, x_in]), torch.cat([timesteps, timesteps]), rows, cond.shared,
-                           guidance_scale)
-        out_u, out_c = out.float().chunk(2)  # guidance arithmetic in float32, like the kernels
-        return self.combine(out_u.detach() if detach_uncond else out_u, out_c, guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents):

@@ -23,7 +23,7 @@ def unshift(scheduler, sigma: float, mu: float | None = None) -> float:
     """The unshifted time u whose shifted value is ``sigma`` under the scheduler's own time shift (the inverse
     of set_timesteps' shifting: static, or resolution-dependent exponential / linear with ``mu``)."""
     cfg = scheduler.config
-    for opt in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal", "invert_sigmas"):
+    for opt in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
         if cfg.get(opt):
             raise ValueError(f"re-discretising the grid needs a plain time shift; the scheduler sets {opt}")
     if cfg.get("use_dynamic_shifting"):
@@ -35,13 +35,35 @@ def unshift(scheduler, sigma: float, mu: float | None = None) -> float:
     return sigma / (s - (s - 1.0) * sigma)
 
 
+def _tail(scheduler, u_start: float, points: int, device, mu: float | None) -> Grid:
+    u = torch.linspace(u_start, 0.0, points, dtype=torch.float64)[:-1]
+    return flow_grid(scheduler, points - 1, device, mu=mu, sigmas=u.tolist())
+
+
 def flow_tail_grid(scheduler, sigma_start: float, points: int, device, mu: float | None = None) -> Grid:
     """``points`` grid points from ``sigma_start`` to 0, evenly spaced in unshifted time and shifted by the
-    scheduler itself (MixGRPO-Flash's re-discretised tail; its first point is sigma_start up to rounding)."""
+    scheduler itself (MixGRPO-Flash's re-discretised tail; its first point is sigma_start up to rounding).
+
+    A scheduler with ``shift_terminal`` (Qwen-Image) stretches every grid it makes so that its last non-zero
+    point is shift_terminal; the stretch depends on the whole grid, so the unshifted start is found by bisection
+    (the first point rises with it) instead of inverting the shift. A one-step tail is then just
+    [sigma_start, 0]."""
     if points < 2:
         raise ValueError(f"a tail grid needs at least 2 points, got {points}")
-    u = torch.linspace(unshift(scheduler, float(sigma_start), mu), 0.0, points, dtype=torch.float64)[:-1]
-    return flow_grid(scheduler, points - 1, device, mu=mu, sigmas=u.tolist())
+    sigma_start = float(sigma_start)
+    terminal = scheduler.config.get("shift_terminal")
+    if not terminal:
+        return _tail(scheduler, unshift(scheduler, sigma_start, mu), points, device, mu)
+    if points == 2:
+        sigmas = torch.tensor([sigma_start, 0.0], device=device)
+        return Grid(timesteps=sigmas[:1] * scheduler.config.num_train_timesteps, sigmas=sigmas)
+    if not terminal < sigma_start <= 1:
+        raise ValueError(f"a tail under shift_terminal {terminal} must start above it, got sigma {sigma_start}")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(_tail(scheduler, mid, points, "cpu", mu).sigmas[0]) < sigma_start else (lo, mid)
+    return _tail(scheduler, hi, points, device, mu)
 
 
 class SD3Policy(Policy):

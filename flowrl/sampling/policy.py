@@ -108,6 +108,12 @@ class Policy(ABC):
         ``guidance_scale`` feeds the distilled guidance embedding and true CFG has its own scale."""
         return guidance_scale
 
+    def combine(self, out_u: Tensor, out_c: Tensor, guidance_scale: float) -> Tensor:
+        """The guided output from the unconditional and conditional ones: ``v_u + w (v_c - v_u)``. Qwen-Image
+        overrides it with its pipeline's norm rescale; every guided prediction (rollout, re-score, DiffusionNFT's
+        guided velocity) goes through it."""
+        return out_u + self.cfg_weight(guidance_scale) * (out_c - out_u)
+
     def uses_cfg(self, cond: Conditioning, guidance_scale: float) -> bool:
         return cond.uncond is not None and self.cfg_weight(guidance_scale) > 1
 
@@ -134,7 +140,7 @@ class Policy(ABC):
             out_u, out_c = out.float().chunk(2)  # guidance arithmetic in float32, like the kernels
             if detach_uncond:
                 out_u = out_u.detach()
-            return out_u + self.cfg_weight(guidance_scale) * (out_c - out_u)
+            return self.combine(out_u, out_c, guidance_scale)
         return self.forward(x_in, timesteps, rows, cond.shared, guidance_scale).float()
 
     def cfg_factor(self, cond: Conditioning, guidance_scale: float) -> int:

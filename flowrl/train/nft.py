@@ -88,7 +88,7 @@ def guide(policy: Policy, cond, x0: Tensor, noise: Tensor, t: Tensor, timesteps:
     x_t = _x_t(x0, noise, t)
     v_u = policy.forward(x_t.to(policy.dtype), timesteps, cond.take(prompt_idx, "uncond"), cond.shared,
                          guidance_scale).float()
-    return v_u + policy.cfg_weight(guidance_scale) * (v_cond - v_u)
+    return policy.combine(v_u, v_cond, guidance_scale)
 
 
 class SoftPolicy:
