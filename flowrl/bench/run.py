@@ -179,16 +179,22 @@ def run_bench(args) -> dict | None:
     counts = gather_object([(drawn, found)])
     acc.wait_for_everyone()
     drawn, found = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    summary = None
     if reward is None:
         if acc.is_main_process:
             print(f"flowrl: {drawn} images drawn, {found} already on disk, in {out} (GenEval's layout; not scored)")
-        return None
-    rows = sorted(gather_object(score(args, reward, out, prompts, metas, mine)),
-                  key=lambda r: (r["index"], r["sample"]))
-    reward.close()
-    if not acc.is_main_process:
-        return None
-    return write_results(args, bench, out, rows, metas, reward, settings, (drawn, found), baseline, paired_gains)
+    else:
+        rows = sorted(gather_object(score(args, reward, out, prompts, metas, mine)),
+                      key=lambda r: (r["index"], r["sample"]))
+        reward.close()
+        if acc.is_main_process:
+            summary = write_results(args, bench, out, rows, metas, reward, settings, (drawn, found), baseline,
+                                    paired_gains)
+    # every process waits for the results to be written, then the process group is torn down: a process that
+    # exits while gloo's threads still serve a live group aborts ("terminate called without an active exception")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return summary
 
 
 def write_results(args, bench, out, rows, metas, reward, settings, counts, baseline, paired_gains) -> dict:
