@@ -28,6 +28,9 @@ def load_policy(args, device=None):
     check_weights(args)
     pipe = load_pipeline(args.model, DTYPES[args.dtype])
     if args.lora:
+        from flowrl.train.finetune import check_lora_fits
+
+        check_lora_fits(pipe, args.lora)  # one line naming a misfit, not peft's traceback (or a silent drop)
         pipe.load_lora_weights(args.lora)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # weights already in --dtype
     found = family_of_pipeline(type(pipe).__name__)  # a hub id is only resolved once loaded

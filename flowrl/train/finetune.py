@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flowrl.models.families import FAMILIES
+from flowrl.train.config import ConfigError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a saved LoRA
 
@@ -114,7 +117,65 @@ def load_lora(denoiser, family: str, folder: Path) -> None:
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise ValueError(f"{folder / LORA_FILE} does not fit the adapter: missing {missing[:3]}, unexpected "
                          f"{extra[:3]}")
+    for key in sorted(state):  # peft would print a size-mismatch traceback for every key
+        if state[key].shape != expected[key].shape:
+            raise ValueError(f"{folder / LORA_FILE}: {key} has shape {tuple(state[key].shape)} in the file but "
+                             f"{tuple(expected[key].shape)} in the adapter (saved for another model or rank?)")
     set_peft_model_state_dict(denoiser, state)
+
+
+# A diffusers-format LoRA key: <pipeline component>.<module path>.lora_A|lora_B[.weight] (what save_lora writes and
+# peft-trained LoRAs from diffusers scripts use). Other layouts (kohya's lora_down / lora_up, attention-processor
+# keys) are converted by diffusers itself and are left to it.
+_LORA_KEY = re.compile(r"^(?P<component>\w+)\.(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.weight)?$")
+# the components LoRA files of the known families name: one that is not in the pipeline is a misfit, not a layout
+_COMPONENTS = {f.component for f in FAMILIES.values()} | {"text_encoder", "text_encoder_2", "text_encoder_3"}
+
+
+def _short(module: str) -> str:
+    """The module's own name for a message: to_q, to_out.0 (a bare index says nothing)."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def _misfit(pipe, component: str, module: str, part: str, shape: tuple[int, ...]) -> str | None:
+    """Why one LoRA matrix cannot go into ``pipe``, or None. lora_A is (rank, inputs, ...) and lora_B
+    (outputs, rank, ...) for Linear and Conv layers alike (peft's LoRA layers)."""
+    owner = getattr(pipe, component, None)
+    if not isinstance(owner, torch.nn.Module):
+        return f"the LoRA adapts {component}, which {type(pipe).__name__} has none of"
+    try:
+        layer = owner.get_submodule(module)
+    except AttributeError:
+        return f"the LoRA adapts {module}, which the model's {component} does not have"
+    layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or len(shape) < 2:
+        return f"the LoRA adapts {module}, a {type(layer).__name__} of the model's {component} with no weight matrix"
+    side = {"lora_A": (1, "inputs"), "lora_B": (0, "outputs")}[part]  # A: (rank, in, ...), B: (out, rank, ...)
+    if shape[side[0]] != weight.shape[side[0]]:
+        return (f"{module}.{part} has shape {shape} in the LoRA but the model's {_short(module)} weight has shape "
+                f"{tuple(weight.shape)} ({shape[side[0]]} against {weight.shape[side[0]]} {side[1]})")
+    return None
+
+
+def check_lora_fits(pipe, folder: str | Path, flag: str = "--lora") -> None:
+    """Raise one ConfigError naming the first LoRA matrix of ``folder`` that ``pipe`` cannot take: a module the
+    pipeline does not have, or a shape that does not fit the module's inputs / outputs. Reads only the
+    safetensors header (names and shapes), before ``load_lora_weights``, which would print peft's size-mismatch
+    traceback for the first and silently drop the second. Keys in another layout than diffusers' are not checked
+    (diffusers converts them)."""
+    path = Path(folder) / LORA_FILE
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    components = _COMPONENTS | set(getattr(pipe, "components", {}))
+    for key, shape in shapes.items():
+        m = _LORA_KEY.match(key)
+        if m is None or m["component"] not in components:
+            continue
+        problem = _misfit(pipe, m["component"], m["module"], m["part"], shape)
+        if problem:
+            raise ConfigError(f"{flag} {folder}: {problem} (the LoRA was trained on another model?)")
 
 
 def save_full(pipe, out_dir: Path) -> Path:

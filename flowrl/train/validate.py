@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from flowrl.models.families import FAMILIES
+from flowrl.sampling.plans import Flat
 from flowrl.sampling.rollout import check_plan
 from flowrl.train import builders
 from flowrl.train.config import Config, ConfigError
@@ -154,6 +157,7 @@ def validate(cfg: Config) -> None:
     if cfg.finetune.merged_sampling and cfg.finetune.mode != "lora":
         raise ConfigError("finetune.merged_sampling: needs finetune.mode lora (it merges the adapter)")
     OBJECTIVES[cfg.training.objective].check(cfg, kernel, scales, plan)
+    check_group_size(cfg, plan, scales)
     model_kernel = FAMILIES[family].kernel if family in FAMILIES else None
     if post is not None and model_kernel == "ddim":
         raise ConfigError(f"sampling.post_window: re-discretises a flow model's grid; {family} samples with DDIM")
@@ -170,6 +174,87 @@ def validate(cfg: Config) -> None:
             if missing:
                 raise ConfigError(f"{key}: {family} edits an input image: every row needs an 'image' field "
                                   f"(a path relative to the prompt file); rows {missing[:5]} have none")
+
+
+# Why each registered estimator (flowrl.core.ADVANTAGE_ESTIMATORS) gives 0 to every sample of a group of one. None
+# of them has a baseline outside the group: flow_grpo takes the batch's std but the group's mean, and
+# reinforce_pp_baseline whitens over the batch only after subtracting the group mean. An estimator registered
+# later is judged by what it does (vanishes_on_singletons), so one with a batch baseline passes.
+SINGLETON_REASONS = {
+    "grpo": "the group mean is the sample itself",
+    "flow_grpo": "the group mean is the sample itself; only the std is the batch's",
+    "dr_grpo": "the group mean is the sample itself",
+    "rloo": "the leave-one-out baseline has no other sample",
+    "reinforce_pp_baseline": "the group mean is subtracted before the batch whitening",
+}
+# per plan, how its groups get a second sample
+MORE_SAMPLES = {
+    "flat": "G >= 2",
+    "split_at": "a split step inside the grid or trees >= 2",
+    "trunk_branches": "K >= 2 or seeds >= 2",
+    "trunk_branches/seed_step": "K >= 2 or advantages.group step (it pools the prompt's seeds)",
+}
+
+
+def samples_per_group(plan, group: str, num_steps: int) -> int:
+    """Samples in one advantage group (every group of a plan holds as many; leaf counts do not change with the
+    iteration). ``prompt``: the prompt's trees times each tree's leaves. ``step`` / ``seed_step`` (trunk_branches
+    only, flowrl.train.grouping): the K branches a seed sends off at one step, over the prompt's seeds (step) or
+    one seed (seed_step)."""
+    if group == "prompt":
+        return plan.trees_per_prompt * plan.num_leaves(num_steps)
+    return plan.K * (plan.trees_per_prompt if group == "step" else 1)
+
+
+def one_trajectory(plan, scales: torch.Tensor) -> bool:
+    """A flat plan whose G chains start from one shared noise and take no stochastic step: every chain of a prompt
+    is the same trajectory, so a group holds one distinct sample (reachable with objective nft, which samples by
+    ODE; grpo refuses a schedule without a stochastic step). Every shipped schedule that gives no noise at
+    iteration 0 gives none at any iteration (a zero scale, or an all-zero table)."""
+    return isinstance(plan, Flat) and plan.shared_noise and not bool((scales > 0).any())
+
+
+def vanishes_on_singletons(estimator: str, combine: str, eps: float, clip: float | None) -> bool:
+    """Whether ``estimator`` gives every advantage exactly 0 when each group holds one sample: run on distinct
+    rewards in groups of one through the combine_rewards call the trainer makes (flowrl.train.scoring)."""
+    from flowrl.core import combine_rewards  # noqa: PLC0415
+
+    r = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    adv = combine_rewards({"r": r}, {"r": 1.0}, torch.arange(3), mode=combine, estimator=estimator, eps=eps,
+                          clip=clip)
+    return bool((adv == 0).all())
+
+
+def check_group_size(cfg, plan, scales: torch.Tensor) -> None:
+    """Refuse a plan whose advantage groups hold one (distinct) sample under an estimator that then gives every
+    advantage 0: the run would train on zero advantages (a zero policy loss for grpo; for nft r = 1/2 everywhere,
+    whose loss only pulls v back to v_old) and say nothing. Accepted: the per-prompt tracker
+    (advantages.per_prompt_tracker), whose history across iterations is a baseline outside the batch (it is never
+    cleared), and any estimator with a batch baseline. A grouping the plan cannot serve is refused elsewhere."""
+    from flowrl.core import ADVANTAGE_ESTIMATORS  # noqa: PLC0415
+    from flowrl.train import grouping  # noqa: PLC0415
+    from flowrl.train.scoring import TRACKER_STD  # noqa: PLC0415
+
+    a, name = cfg.advantages, cfg.sampling.plan["name"]
+    if a.per_prompt_tracker or grouping.check(a.group, plan):
+        return
+    shared = one_trajectory(plan, scales)
+    if not shared and samples_per_group(plan, a.group, cfg.sampling.num_steps) > 1:
+        return
+    if not vanishes_on_singletons(a.estimator, cfg.rewards.combine, a.eps, a.clip):
+        return
+    ways = ["shared_noise: false or a schedule with a stochastic step" if shared
+            else MORE_SAMPLES.get(f"{name}/{a.group}", MORE_SAMPLES.get(name, "more samples per group"))]
+    ways += [f"advantages.estimator {e} (a batch baseline)" for e in sorted(ADVANTAGE_ESTIMATORS)
+             if not vanishes_on_singletons(e, cfg.rewards.combine, a.eps, a.clip)]
+    if a.estimator in TRACKER_STD and a.group == "prompt":
+        ways.append("advantages.per_prompt_tracker: true (each prompt's reward history is its baseline)")
+    reason = ("copies' rewards agree: the group has no spread" if shared
+              else SINGLETON_REASONS.get(a.estimator, "it compares a sample with its own group only"))
+    what = ("with shared_noise and no stochastic step makes G copies of one sample per prompt" if shared
+            else f"makes groups of 1 sample (advantages.group {a.group})")
+    raise ConfigError(f"sampling.plan: {name} {what}, which give every advantage 0 under "
+                      f"advantages.estimator={a.estimator} ({reason}); use {' or '.join(ways)}")
 
 
 def check_data_and_rewards(cfg) -> dict[str, float]:
