@@ -28,8 +28,16 @@ def _train(args) -> None:
     else:
         from flowrl.train.trainer import Trainer  # heavy imports only after the config is known to be good
 
-    trainer = Trainer(cfg, resume=resume)
-    stopped = trainer.train()
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        stopped = trainer.train()
+    except RuntimeError as e:  # a process lost or hung: one line naming run.collective_timeout, not a traceback
+        from flowrl.train.loop import collective_failure
+
+        lost = collective_failure(e, cfg)
+        if lost is None:
+            raise
+        raise lost from e
     if not trainer.acc.is_main_process:
         return
     if stopped:

@@ -40,8 +40,8 @@ LOGS = ("metrics.jsonl", "advantages.jsonl")  # append-only run logs, cut back t
 # experiment, so a changed value is refused, naming the field.
 RESUMABLE = frozenset({
     "run.output_dir", "run.iterations", "run.save_every", "run.keep_checkpoints", "run.log_samples_every",
-    "run.progress", "run.dump_advantages", "run.report_to", "eval.every", "rewards.retries", "rewards.retry_backoff",
-    "rewards.timeout", "training.max_consecutive_skips",
+    "run.progress", "run.dump_advantages", "run.report_to", "run.collective_timeout", "eval.every",
+    "rewards.retries", "rewards.retry_backoff", "rewards.timeout", "training.max_consecutive_skips",
 })
 
 
@@ -248,11 +248,50 @@ def check_config(saved: dict, current: dict, defaults_of=Config) -> None:
                           f"that may change on resume: {', '.join(sorted(RESUMABLE))})")
 
 
-def data_digests(cfg: Config) -> dict:
-    """Content hashes of the files that define the experiment beyond the config (a resume must see the same)."""
-    from flowrl.train.builders import prompt_file  # noqa: PLC0415 (builders imports the samplers)
+PROMPT_KEYS = ("data.train_prompts", "data.eval_prompts")
 
-    return {"data.train_prompts": hashlib.sha256(prompt_file(cfg.data.train_prompts).read_bytes()).hexdigest()}
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_digests(cfg: Config) -> dict:
+    """Content hashes of the files that define the experiment beyond the config, which a resume must find
+    unchanged: every prompt file the run reads (``data.train_prompts``, ``data.eval_prompts``) and, under
+    ``<key>:images``, the input images its rows name (editing sets), hashed together in row order."""
+    from flowrl.train.builders import load_prompts, prompt_file  # noqa: PLC0415 (builders imports the samplers)
+
+    out = {}
+    for key in PROMPT_KEYS:
+        spec = getattr(cfg.data, key.split(".")[1], None)
+        if not spec:
+            continue
+        out[key] = _sha256(prompt_file(spec, key))
+        images = [m["image"] for m in load_prompts(spec, key).metadata if "image" in m]
+        if images:
+            # contents only, in row order: a data folder moved elsewhere is still the same data
+            out[f"{key}:images"] = hashlib.sha256(" ".join(_sha256(Path(p)) for p in images).encode()).hexdigest()
+    return out
+
+
+def check_data(saved: dict, cfg: Config, path: Path) -> None:
+    """Refuse a resume whose data files changed since the checkpoint at ``path``, naming the key and the file.
+    Only keys both sides have are compared: a checkpoint written before a key was hashed (an older flowrl's holds
+    data.train_prompts alone) leaves that file unchecked, as unknown."""
+    from flowrl.train.builders import prompt_file  # noqa: PLC0415
+
+    now = data_digests(cfg)
+    for key in sorted(set(saved) & set(now)):
+        if saved[key] != now[key]:
+            name = key.split(":")[0]
+            where = f"{name} ({prompt_file(getattr(cfg.data, name.split('.')[1]), name)})"
+            what = f"an input image named by {where}" if key.endswith(":images") else where
+            raise ConfigError(f"--resume: {what} changed since {path.name} was written; a resumed run must read "
+                              "the same data (restore it, or start a new run)")
 
 
 @dataclass
@@ -269,8 +308,7 @@ def prepare_resume(cfg: Config, spec: str) -> Resume:
     info = read_info(path)
     cfg.run.output_dir = str(path.parent.parent)  # the run continues in its own folder
     check_config(info["config"], to_dict(cfg), type(cfg))
-    if info["data"] != data_digests(cfg):
-        raise ConfigError("--resume: the content of data.train_prompts changed since the checkpoint")
+    check_data(info.get("data", {}), cfg, path)
     if info["iteration"] >= cfg.run.iterations:
         raise ConfigError(f"--resume: {path} is at iteration {info['iteration']} and run.iterations is "
                           f"{cfg.run.iterations}: nothing to do (raise run.iterations to extend the run)")

@@ -39,6 +39,13 @@ class RunConfig:
     progress: bool = True
     dump_advantages: bool = False        # write advantages.jsonl (per sample: prompt id, rewards, advantage)
     report_to: str | list[str] = "tensorboard"  # accelerate trackers: tensorboard, wandb, mlflow, ..., all, none
+    collective_timeout: float = 600.0    # seconds a collective (all-gather, barrier, DDP all-reduce) may wait for
+                                         # the other processes before the run fails: a lost or hung process ends
+                                         # the run instead of hanging it (torch.distributed's process group timeout)
+
+    def __post_init__(self):  # checked here, so both trainers' configs (which share this section) have it
+        if not self.collective_timeout > 0:
+            raise ConfigError(f"run.collective_timeout: must be > 0 seconds, got {self.collective_timeout!r}")
 
 
 @dataclass

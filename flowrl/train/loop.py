@@ -5,11 +5,17 @@ many skipped iterations in a row. A trainer provides ``iteration(it) -> row``, `
 checkpoint is chosen by), plus cfg, acc, state, rows, folder, eval_set and _any_process."""
 from __future__ import annotations
 
+import re
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
-from flowrl.train import guards
+from flowrl.train import checkpoint, guards
 from flowrl.train.config import ConfigError
 from flowrl.train.scoring import eval_score
 from flowrl.train.validate import trackers
@@ -22,8 +28,10 @@ def start(cfg, resume, folder_cls, run_dir):
     # without CUDA, accelerate only forms a (gloo) process group when told it runs on CPU; otherwise each
     # launched process silently trains alone
     log_with = trackers(cfg.run.report_to)
+    # a collective that waits longer than run.collective_timeout for a lost or hung process raises, not hangs
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.collective_timeout))
     acc = Accelerator(mixed_precision=cfg.run.mixed_precision, log_with=log_with or None, project_dir=str(run_dir),
-                      cpu=not torch.cuda.is_available())
+                      cpu=not torch.cuda.is_available(), kwargs_handlers=[group])
     W = acc.num_processes
     if cfg.data.prompts_per_iteration % W:
         raise ConfigError(f"data.prompts_per_iteration ({cfg.data.prompts_per_iteration}) must divide by the "
@@ -39,6 +47,29 @@ def start(cfg, resume, folder_cls, run_dir):
         kwargs = {"wandb": {"name": run_dir.name}, "tensorboard": {"purge_step": saved["iteration"]} if saved else {}}
         acc.init_trackers("tb", init_kwargs=kwargs)
     return acc, folder
+
+
+def collective_failure(e: BaseException, cfg) -> guards.TrainingError | None:
+    """``e`` as one line if it is a collective (all-gather, barrier, DDP all-reduce) that failed because another
+    process is gone or did not answer within run.collective_timeout, else None. torch raises these as RuntimeError
+    (gloo's "Connection closed by peer", "Timed out waiting ...") from torch.distributed; other errors stay as
+    they are. Nothing is written on the way: a checkpoint is sealed only after every process has written its part."""
+    dist = torch.distributed
+    if isinstance(e, guards.TrainingError) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_world_size() < 2 or not isinstance(e, RuntimeError):
+        return None
+    frames = traceback.extract_tb(e.__traceback__)
+    from_dist = any("/torch/distributed/" in f.filename.replace("\\", "/") for f in frames)
+    if not (isinstance(e, dist.DistError) or from_dist or re.search(r"gloo|nccl|closed by peer", str(e), re.I)):
+        return None
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
+    newest = checkpoint.latest(Path(cfg.run.output_dir))
+    return guards.TrainingError(
+        f"process {dist.get_rank()} of {dist.get_world_size()}: a collective operation failed ({detail}): another "
+        f"process was lost, or did not answer within run.collective_timeout ({cfg.run.collective_timeout:g} s); the "
+        f"newest complete checkpoint is {newest or 'none yet'}"
+        + (" (continue with --resume latest once every process can run)" if newest else ""))
 
 
 def run(t) -> str | None:

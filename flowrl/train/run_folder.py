@@ -6,12 +6,14 @@ import json
 import os
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate.utils import DistributedType
 
 from flowrl.train import checkpoint, finetune
 from flowrl.train.checkpoint import LOGS
 from flowrl.train.config import ConfigError, to_dict
+from flowrl.train.guards import TrainingError
 from flowrl.train.model_card import write_model_card
 from flowrl.train.plots import reward_curve
 
@@ -33,7 +35,9 @@ class RunFolder:
         self.cfg, self.acc, self.path = cfg, acc, path
 
     def start(self, notes: list[str]) -> None:
+        self.digests = None  # the data files' content hashes (checkpoint.data_digests) as the run read them
         if self.acc.is_main_process:
+            self.digests = checkpoint.data_digests(self.cfg)
             for note in notes:
                 print(f"flowrl: {note}")
             self.path.mkdir(parents=True, exist_ok=True)
@@ -68,29 +72,64 @@ class RunFolder:
                 f.write(json.dumps(row) + "\n")
 
     def save_checkpoint(self, state, iteration: int, eval_score: float | None) -> Path:
-        """Write ``checkpoints/iter_NNNNNN`` atomically (checkpoint.py), then prune old ones. Collective."""
+        """Write ``checkpoints/iter_NNNNNN`` atomically (checkpoint.py), then prune old ones. Collective. A write
+        that fails on any process (a full disk, a lost mount) stops the run on every process with TrainingError,
+        the partial ``.tmp-`` folder removed and the earlier checkpoints untouched."""
         acc, root = self.acc, self.path / "checkpoints"
         final = root / checkpoint.checkpoint_name(iteration)
         tmp = root / f".tmp-{final.name}"
+        error = None
         if acc.is_main_process:
-            state.log_bytes = {}
-            for name in LOGS:  # the logs' lengths now: a resume cuts them back to these
-                if (self.path / name).exists():
-                    with open(self.path / name, "ab") as f:
-                        os.fsync(f.fileno())
-                    state.log_bytes[name] = (self.path / name).stat().st_size
-            checkpoint.remove(tmp)
-            root.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+            try:
+                state.log_bytes = {}
+                for name in LOGS:  # the logs' lengths now: a resume cuts them back to these
+                    if (self.path / name).exists():
+                        with open(self.path / name, "ab") as f:
+                            os.fsync(f.fileno())
+                        state.log_bytes[name] = (self.path / name).stat().st_size
+                checkpoint.remove(tmp)
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                error = e
+        self._written(error, final, tmp)  # also the barrier before every process writes its part
+        try:
+            acc.save_state(str(tmp))
+        except OSError as e:
+            error = e
+        self._written(error, final, tmp)
         if acc.is_main_process:
-            checkpoint.seal(tmp, {"iteration": iteration, "world_size": acc.num_processes, "eval_score": eval_score,
-                                  "config": to_dict(self.cfg), "data": checkpoint.data_digests(self.cfg)})
-            checkpoint.publish(tmp, final)
+            try:
+                checkpoint.seal(tmp, {"iteration": iteration, "world_size": acc.num_processes,
+                                      "eval_score": eval_score, "config": to_dict(self.cfg), "data": self.digests})
+                checkpoint.publish(tmp, final)
+            except OSError as e:
+                error = e
+        self._written(error, final, tmp)
+        if acc.is_main_process:
             checkpoint.prune(root, self.cfg.run.keep_checkpoints)
         acc.wait_for_everyone()
         return final
+
+    def _written(self, error: OSError | None, final: Path, tmp: Path) -> None:
+        """Collective: every process raises TrainingError if writing ``final`` failed on any of them."""
+        failed = self.acc.gather(torch.tensor([error is not None], device=self.acc.device)).cpu()
+        if not bool(failed.any()):
+            return
+        if self.acc.is_main_process:
+            try:
+                checkpoint.remove(tmp)
+            except OSError:
+                pass  # a .tmp- folder is never resumed from, and the next run's prune removes it
+        newest = checkpoint.latest(self.path)
+        previous = (f"the previous checkpoint {newest.name} is the newest complete one (continue with --resume "
+                    "latest once the cause is fixed)" if newest else "no complete checkpoint was written before")
+        if error is None:
+            rank = int(torch.nonzero(failed).flatten()[0])
+            raise TrainingError(f"checkpoint {final.name} could not be written on process {rank} (its error is "
+                                f"above); {previous}")
+        cause = os.strerror(error.errno).lower() if error.errno else f"{type(error).__name__}: {error}"
+        where = f" ({error.filename})" if error.filename else ""
+        raise TrainingError(f"{cause} while writing checkpoint {final.name}{where}: {previous}")
 
     def load_checkpoint(self, path: Path, saved: dict, state, ema, any_process) -> list[dict]:
         """Restore every registered object from ``path`` and rewind the folder to it; returns the metric rows."""
