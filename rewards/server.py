@@ -9,10 +9,23 @@ A scorer is a callable ``scorer(images, prompts, metadata) -> {name: [float] * N
 result is the scorer. The client is the ``remote`` reward (rewards/remote.py).
 
 Protocol (JSON both ways, so a server can be written in anything):
-    GET  /health -> {"status": "ok", "scorer": "<module:attr>"}
+    GET  /health -> {"status": "ok", "scorer": "<module:attr>", "limits": {...}}
     POST /score  {"images": [base64 PNG, ...], "prompts": [...], "metadata": [{...}, ...]}
               -> {"scores": {"name": [float, ...], ...}}
-    errors       -> {"error": "..."} with 400 (a malformed request) or 500 (the scorer raised or returned junk)
+    errors       -> {"error": "..."} with 400 (a malformed request), 401 (no or a wrong token), 411 / 413 (no
+                    Content-Length, a request over a limit: the message names its flag), 503 (busy: retry) or
+                    500 (the scorer raised or returned junk)
+
+Limits (rewards/server_limits.py): body size (checked from Content-Length before a byte is read), images per
+request, pixels per image and per request (from the PNG headers, before anything is decompressed), prompt
+length, metadata size, JSON nesting depth. A connection silent for --socket-timeout is dropped and a body must
+arrive within --body-deadline, so a stalled client never holds more than its own thread and in-flight slot;
+the scorer's lock is taken only once a body is in and parsed. At most --max-inflight requests are read, decoded
+and scored at once; the others wait up to --queue-wait seconds for a slot, then get a 503 the clients retry.
+
+Secret. With one (from the variable --secret-env names, default FLOWRL_REWARD_SECRET, or --secret-file),
+every request, /health included, needs ``Authorization: Bearer <secret>``; without it the answer is a 401 and
+nothing is scored. The server refuses to bind off loopback without a secret. The secret is never logged.
 
 Why PNG in JSON: images are quantised to uint8 exactly as an image file holds them, which is what detectors
 and OCR engines are built and benchmarked on (GenEval grades saved PNGs), so a score through the server is
@@ -22,7 +35,8 @@ runs arbitrary code in the server.
 
 One request is scored at a time (a lock): scorers usually hold one model on one device, and several training
 processes may call at once. This module needs only the standard library, numpy and Pillow, so it also runs
-as a plain file (``python path/to/server.py``) where the rest of flowrl does not install.
+as a plain file (``python path/to/server.py``, server_limits.py beside it) where the rest of flowrl does not
+install.
 """
 from __future__ import annotations
 
@@ -42,6 +56,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -283,7 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self._refuse_unauthorized():
             return
         if self.path.rstrip("/") == "/health":
-            self._send(200, {"status": "ok", "scorer": self.server.scorer_name})
+            self._send(200, {"status": "ok", "scorer": self.server.scorer_name, "limits": asdict(self.server.limits)})
         else:
             self._send(404, {"error": f"no route GET {self.path}; try GET /health or POST /score"})
 

@@ -215,7 +215,8 @@ def test_geneval_cli_server_with_the_toy_detector_matches_the_shapes_reward():
         with pytest.raises(ValueError, match="has no GenEval metadata"):
             build_reward("geneval", url=url, timeout=10.0, retries=0)(x[:1], prompts[:1], [{}])
         health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=5).read())
-        assert health == {"status": "ok", "scorer": "rewards.geneval:toy_scorer"}
+        assert health["status"] == "ok" and health["scorer"] == "rewards.geneval:toy_scorer"
+        assert health["limits"]["max_images"] == 256
     finally:
         proc.terminate()
         proc.wait(timeout=10)
