@@ -1,5 +1,8 @@
-"""Rewards that misbehave on purpose, for the fault-tolerance tests. Importing this module registers them; a
-subprocess run names it in ``rewards.modules`` (with tests/ on PYTHONPATH)."""
+"""Rewards that misbehave on purpose, for the fault-tolerance tests, and a full disk. Importing this module
+registers them; a subprocess run names it in ``rewards.modules`` (with tests/ on PYTHONPATH)."""
+import errno
+import io
+import os
 import time
 
 import torch
@@ -42,3 +45,22 @@ class FlakyReward(Reward):
             else:
                 raise ConnectionError(f"reward server unreachable (call {k})")
         return images.mean(dim=(1, 2, 3)).to(torch.float32)
+
+
+# A full disk, for subprocess runs: with FLOWRL_TEST_FULL_DISK=iter_NNNNNN in the environment, importing this
+# module makes every torch.save into that checkpoint's folder (accelerate's optimizer, registered objects and
+# random states) write half of its bytes and then raise ENOSPC, as a write on a full disk does.
+FULL_DISK = os.environ.get("FLOWRL_TEST_FULL_DISK")
+if FULL_DISK:
+    _save = torch.save
+
+    def _save_on_full_disk(obj, f, *args, **kwargs):
+        if not (isinstance(f, (str, os.PathLike)) and f".tmp-{FULL_DISK}" in str(f)):
+            return _save(obj, f, *args, **kwargs)
+        buf = io.BytesIO()
+        _save(obj, buf, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+
+    torch.save = _save_on_full_disk

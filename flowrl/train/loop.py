@@ -63,13 +63,20 @@ def collective_failure(e: BaseException, cfg) -> guards.TrainingError | None:
     from_dist = any("/torch/distributed/" in f.filename.replace("\\", "/") for f in frames)
     if not (isinstance(e, dist.DistError) or from_dist or re.search(r"gloo|nccl|closed by peer", str(e), re.I)):
         return None
-    detail = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
-    newest = checkpoint.latest(Path(cfg.run.output_dir))
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+    detail = re.split(r"\.\s", detail)[0][:200]  # its first sentence, without gloo's source location
     return guards.TrainingError(
         f"process {dist.get_rank()} of {dist.get_world_size()}: a collective operation failed ({detail}): another "
-        f"process was lost, or did not answer within run.collective_timeout ({cfg.run.collective_timeout:g} s); the "
-        f"newest complete checkpoint is {newest or 'none yet'}"
-        + (" (continue with --resume latest once every process can run)" if newest else ""))
+        f"process was lost, or did not answer within run.collective_timeout ({cfg.run.collective_timeout:g} s); "
+        f"{resume_note(Path(cfg.run.output_dir))}")
+
+
+def resume_note(run_dir: Path) -> str:
+    """Where a failed run can continue from, for its error line."""
+    newest = checkpoint.latest(run_dir)
+    if newest is None:
+        return "no checkpoint was written yet (run.save_every sets how often one is)"
+    return f"the newest complete checkpoint is {newest} (continue with --resume latest once the cause is fixed)"
 
 
 def run(t) -> str | None:
@@ -83,7 +90,10 @@ def run(t) -> str | None:
     stop = guards.StopSignal().install()
     try:
         for it in bar:
-            row = t.iteration(it)
+            try:
+                row = t.iteration(it)
+            except guards.TrainingError as e:  # a reward that keeps failing, say: the error says where to go on
+                raise guards.TrainingError(f"{e}; {resume_note(t.folder.path)}") from e
             last = it + 1 == c.run.iterations
             if c.eval.every and t.eval_set is not None and ((it + 1) % c.eval.every == 0 or last):
                 row.update(t.evaluate(it))
