@@ -235,3 +235,136 @@ def test_loopback_bypasses_a_configured_proxy(server, monkeypatch):
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     assert build_reward("remote", url=server.url, **FAST)(images(1), ["p"])["remote"].shape == (1,)
+
+
+# -- a server answering junk, a trickling server, the secret ---------------------------------------------------
+class FakeServer:
+    """Answers /health normally and /score with ``answer`` (bytes), optionally one byte every ``trickle`` s."""
+
+    def __init__(self, answer: bytes, trickle: float = 0.0):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self._reply(json.dumps({"status": "ok", "scorer": "fake"}).encode())
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                fake.posts += 1
+                self._reply(answer, trickle)
+
+            def _reply(self, body, delay=0.0):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for i in range(len(body)) if delay else [None]:
+                    self.wfile.write(body if i is None else body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(delay)
+
+            def log_message(self, *a):
+                pass
+
+        self.posts = 0
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("answer,needle", [
+    (b'{"scores": {"score": [0.1, 0.2]}}', "sent 2 'score' scores for 4 images"),
+    (b'{"scores": {"other": [1, 2, 3, 4]}}', r"without the main one 'score'"),
+    (b'{"scores": {"score": [1, 2, 3, NaN]}}', r"NaN/inf 'score' scores at indices \[3\]"),
+    (b'{"scores": {"score": [1, 2, 3, 1e999]}}', r"NaN/inf 'score' scores at indices \[3\]"),
+    (b'{"scores": {"score": [1, 2, 3, 4], "a/b": [1, 2, 3, 4]}}', "bad score name 'a/b'"),
+    (b'{"scores": {"score": [1, 2, true, 4]}}', "non-numeric scores for 'score'"),
+    (b'{"scores": {"score": "1234"}}', "non-numeric scores for 'score'"),
+    (b'{"scores": [1, 2, 3, 4]}', "without a 'scores' object"),
+    (b"<html>oops</html>", "the answer is not JSON"),
+])
+def test_junk_answers_raise_and_the_trainer_guard_retries_then_fails(answer, needle):
+    from flowrl.train import guards
+
+    fake = FakeServer(answer)
+    try:
+        reward = build_reward("remote", url=fake.url, **FAST)
+        with pytest.raises(RemoteError, match=needle):
+            reward(images(), ["p"] * 4)
+        warned = []
+        with pytest.raises(guards.TrainingError, match=f"reward 'remote' failed 3 time.*{needle}"):
+            guards.score_with_retries(reward, images(), ["p"] * 4, None, None, retries=2, backoff=0.0,
+                                      timeout=5.0, warn=warned.append)
+        assert len(warned) == 2 and fake.posts == 4  # every failure retried, none accepted
+    finally:
+        fake.close()
+
+
+def test_the_deadline_covers_a_trickling_answer():
+    """Each byte arrives well within the socket timeout; the whole answer does not arrive within the deadline."""
+    fake = FakeServer(b'{"scores": {"score": [0.5, 0.5, 0.5, 0.5]}}', trickle=0.05)
+    try:
+        reward = build_reward("remote", url=fake.url, timeout=0.5, retries=1, backoff=0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(RemoteError, match="2 attempt.*timed out: no complete answer within the 0.5 s deadline"):
+            reward(images(), ["p"] * 4)
+        assert time.perf_counter() - t0 < 2.0
+        assert RetryPolicy(timeout=5.0).attempt_deadline == 5.0
+        assert RetryPolicy(timeout=5.0, deadline=1.0).attempt_deadline == 1.0
+        with pytest.raises(ValueError, match="deadline must be a finite number"):
+            RetryPolicy(deadline=-1.0)
+    finally:
+        fake.close()
+
+
+def test_the_client_sends_the_secret_from_its_variable_and_never_shows_it(monkeypatch):
+    secret = "client-secret-0123456789abcdef"
+    calls = []
+
+    def counting(im, p, m):
+        calls.append(len(p))
+        return colour_scorer(im, p, m)
+
+    s = RewardServer(counting, secret=secret)
+    threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        monkeypatch.delenv("FLOWRL_REWARD_SECRET", raising=False)
+        with pytest.raises(RemoteError, match=r"HTTP 401.*wants its secret in \$FLOWRL_REWARD_SECRET"):
+            build_reward("remote", url=s.url, **FAST)
+        monkeypatch.setenv("FLOWRL_REWARD_SECRET", "wrong-secret-0123456789abcdef")
+        with pytest.raises(RemoteError, match="HTTP 401"):
+            build_reward("remote", url=s.url, **FAST)
+        monkeypatch.setenv("FLOWRL_REWARD_SECRET", secret)
+        reward = build_reward("remote", url=s.url, **FAST)
+        assert reward(images(), ["p"] * 4)["remote"].shape == (4,) and calls == [4]
+        assert secret not in repr(reward)
+        monkeypatch.delenv("FLOWRL_REWARD_SECRET")
+        monkeypatch.setenv("OTHER_SECRET", secret)
+        assert build_reward("remote", url=s.url, secret_env="OTHER_SECRET", **FAST)(images(1), ["p"])
+        with pytest.raises(ValueError, match="secret_env 'UNSET_SECRET_VAR' names an unset environment variable"):
+            build_reward("remote", url=s.url, secret_env="UNSET_SECRET_VAR", **FAST)
+        with pytest.raises(ValueError, match="secret_env must name an environment variable"):
+            build_reward("remote", url=s.url, secret_env="not a name!", **FAST)
+    finally:
+        stop(s)
+
+
+def test_a_batch_over_the_servers_limits_is_refused_before_sending():
+    from rewards.server_limits import Limits
+
+    calls = []
+    s = RewardServer(lambda im, p, m: calls.append(1) or colour_scorer(im, p, m), limits=Limits(max_images=3))
+    threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        reward = build_reward("remote", url=s.url, **FAST)
+        with pytest.raises(RemoteError, match=r"4 images, over the server's limit of 3 \(its --max-images\)"):
+            reward(images(4), ["p"] * 4)
+        assert calls == [] and reward(images(3), ["p"] * 3)["remote"].shape == (3,)
+    finally:
+        stop(s)
