@@ -95,7 +95,7 @@ def decode_png(text: str, max_pixels: int | None = None) -> np.ndarray:
     with Image.open(io.BytesIO(base64.b64decode(text, validate=True)), formats=["PNG"]) as img:
         if max_pixels is not None and img.width * img.height > max_pixels:  # PIL's size, should it differ
             raise over("an image's width x height", img.width * img.height, max_pixels, "max_image_pixels")
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert would copy an RGB one
 
 
 class BadRequest(ValueError):
@@ -131,9 +131,9 @@ def _image_sizes(images: list, limits: Limits) -> tuple[int, int]:
     return sizes[0]
 
 
-def parse_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, list[str], list[dict]]:
-    """The body -> (images (N, H, W, 3) uint8, prompts, metadata). Every limit is checked before the image
-    that could break it is decompressed: the nesting before parsing, the sizes from the PNG headers."""
+def load_request(body: bytes, limits: Limits = Limits()) -> tuple[list, list[str], list[dict]]:
+    """The body -> (base64 images, prompts, metadata), every limit but the pixels' checked; nesting before
+    parsing, so json.loads never recurses deep."""
     check_json_depth(body, limits.max_json_depth)
     try:
         req = json.loads(body)
@@ -157,8 +157,14 @@ def parse_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, l
     if not len(images) == len(prompts) == len(metadata):
         raise BadRequest(f"got {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata entries")
     _check_entries(prompts, metadata, limits)
+    return images, prompts, metadata
+
+
+def decode_images(images: list, limits: Limits = Limits()) -> np.ndarray:
+    """Base64 PNGs -> (N, H, W, 3) uint8, the sizes checked from the PNG headers before any is decompressed.
+    Decoded in place (no second copy by np.stack); each text is dropped from ``images`` once decoded."""
     width, height = _image_sizes(images, limits)
-    out = np.empty((len(images), height, width, 3), np.uint8)  # decoded in place: no second copy by np.stack
+    out = np.empty((len(images), height, width, 3), np.uint8)
     for i, text in enumerate(images):
         try:
             out[i] = decode_png(text, limits.max_image_pixels)
@@ -166,8 +172,15 @@ def parse_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, l
             raise
         except Exception as e:  # noqa: BLE001 - any decoding failure is the request's fault
             raise BadRequest(f"an image is not a base64 PNG (image {i}: {type(e).__name__}: {e})") from None
-        images[i] = None  # its text is no longer needed
-    return out, prompts, metadata
+        images[i] = None
+    return out
+
+
+def parse_request(body: bytes, limits: Limits = Limits()) -> tuple[np.ndarray, list[str], list[dict]]:
+    """The body -> (images (N, H, W, 3) uint8, prompts, metadata); every limit checked before the image that
+    could break it is decompressed."""
+    images, prompts, metadata = load_request(body, limits)
+    return decode_images(images, limits), prompts, metadata
 
 
 def check_scores(scores: Any, n: int) -> dict[str, list[float]]:
@@ -239,9 +252,7 @@ class RewardServer(ThreadingHTTPServer):
         scheme, _, token = (header or "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"), self._secret)
 
-    def score(self, body: bytes) -> dict:
-        images, prompts, metadata = parse_request(body, self.limits)
-        del body
+    def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict:
         with self.lock:  # taken only once the body is in and parsed: a slow client never holds the scorer
             scores = self.scorer(images, prompts, metadata)
         return {"scores": check_scores(scores, len(prompts))}
@@ -367,7 +378,9 @@ class _Handler(BaseHTTPRequestHandler):
             if body is None:
                 return
             try:
-                answer = self.server.score(body)
+                texts, prompts, metadata = load_request(body, limits)
+                del body  # the request's memory: its body, then its texts, then its pixels, not all three
+                answer = self.server.score(decode_images(texts, limits), prompts, metadata)
             except LimitExceeded as e:
                 self._send(e.status, {"error": str(e)})
                 return

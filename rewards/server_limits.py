@@ -3,9 +3,10 @@ the checks that run before anything is decoded: the JSON's nesting depth (scanne
 size read from its PNG header.
 
 A refused request gets a 4xx whose message names the limit and its flag. The limits bound the server's memory:
-at most ``max_inflight`` requests are read and decoded at once, each at most ``max_body_bytes`` of body and
-``max_request_pixels`` decoded pixels (3 bytes each), so about ``max_inflight * (2 * max_body_bytes + 3 *
-max_request_pixels)`` plus the scorer's own (the body and its parsed strings live together while it is parsed).
+at most ``max_inflight`` requests are read and decoded at once, each holding at most its body and the parsed
+text of its images (2 x ``max_body_bytes``), then its decoded pixels (3 bytes each, ``max_request_pixels``) and
+one image being decoded (PIL's 4 bytes a pixel and a 3-byte copy, ``max_image_pixels``): ``memory_bound()``,
+plus the scorer's own. scripts/bench_reward_server.py measures the peak against it.
 Stdlib and numpy only, like the server.
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Limits:
 
     def memory_bound(self) -> int:
         """Bytes the requests in flight may hold at once (bodies, their parsed text, decoded pixels)."""
-        return self.max_inflight * (2 * self.max_body_bytes + 3 * self.max_request_pixels)
+        return self.max_inflight * (2 * self.max_body_bytes + 3 * self.max_request_pixels + 8 * self.max_image_pixels)
 
 
 def flag(name: str) -> str:
