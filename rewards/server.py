@@ -320,7 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(411, {"error": "a POST needs a Content-Length header (chunked bodies are not accepted)"},
                        close=True)
             return None
-        if not text.strip().isdigit():
+        if not (text.strip().isascii() and text.strip().isdigit()):  # "²".isdigit() too
             self._send(400, {"error": f"Content-Length must be a non-negative integer, got {text[:40]!r}"},
                        close=True)
             return None

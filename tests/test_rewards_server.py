@@ -212,7 +212,7 @@ def hostile_cases() -> list[tuple[str, bytes, set, bool]]:
     for i in range(10):  # smaller: the cut body is not JSON (the rest then reads as a garbled request)
         post(f"length smaller {i}", body, {400}, length=int(rng.integers(1, len(body) - 1)))
     post("length missing", body, {411}, length=False)
-    for bad in ("-1", "abc", "1e3", "0x10", " ", "99999999999999999999"):
+    for bad in ("-1", "abc", "1e3", "0x10", " ", "99999999999999999999", "\u00b2", "1 2"):
         post(f"length {bad!r}", body, {400, 413}, length=bad)
     post("length over the limit", body, {413}, length=HOSTILE_LIMITS.max_body_bytes + 1)
     post("chunked", body, {411}, headers={**AUTH, "Transfer-Encoding": "chunked"})
