@@ -114,6 +114,7 @@ def test_killed_process_ends_the_run_and_it_resumes_bit_for_bit(tmp_path):
     assert ref.communicate(timeout=600) and ref.returncode == 0
     assert _same_lora(run, ref_dir)
     assert _rows(run) == _rows(ref_dir) and [r["world_size"] for r in _rows(run)] == [2] * 5
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith((".tmp-", ".del-"))]  # pruned
 
 
 def _gone(pid: int) -> bool:
