@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "lists has the recorded size; others are skipped), RUN_DIR the same in that run folder, "
                         "RUN_DIR/checkpoints/iter_N exactly that one. Weights, optimizer, LR schedule, EMA, "
                         "random states and metrics.jsonl continue where the checkpoint left them; only run.iterations "
-                        "(to extend), checkpoint / logging / eval cadence and reward retry settings may change")
+                        "(to extend), checkpoint / logging / eval cadence, reward retry settings and "
+                        "run.collective_timeout may change")
     t.set_defaults(fn=_train)
     d = sub.add_parser("plan", help="a recipe's rollout and training cost per iteration (model calls, edges, "
                        "leaves, trained units, training forward passes), without loading a model")
