@@ -105,7 +105,9 @@ def _watched(cls: type, dog: _Watchdog) -> type:
     return Watched
 
 
-class _HTTPHandler(urllib.request.HTTPHandler):
+class _WatchedOpen:
+    """A urllib handler mixin: every connection the handler opens is watched by ``dog``."""
+
     def __init__(self, dog: _Watchdog):
         super().__init__()
         self.dog = dog
@@ -114,13 +116,12 @@ class _HTTPHandler(urllib.request.HTTPHandler):
         return super().do_open(_watched(http_class, self.dog), req, **kwargs)
 
 
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, dog: _Watchdog):
-        super().__init__()
-        self.dog = dog
+class _HTTPHandler(_WatchedOpen, urllib.request.HTTPHandler):
+    pass
 
-    def do_open(self, http_class, req, **kwargs):
-        return super().do_open(_watched(http_class, self.dog), req, **kwargs)
+
+class _HTTPSHandler(_WatchedOpen, urllib.request.HTTPSHandler):
+    pass
 
 
 def _error_text(err: urllib.error.HTTPError) -> str:
