@@ -306,6 +306,29 @@ def test_a_busy_server_answers_503_after_the_queue_wait():
         stop(s)
 
 
+def test_a_stalled_client_never_holds_the_scorer():
+    """A client that sends its headers and half its body, then nothing, holds one in-flight slot (its body counts
+    in the memory bound) until the socket timeout drops it, but not the scorer: good requests score meanwhile."""
+    scorer = Counting()
+    s = start(scorer, limits=Limits(max_inflight=2, socket_timeout=3.0))
+    body = json.dumps(good_payload(2)).encode()
+    try:
+        stalled = socket.create_connection(("127.0.0.1", s.server_address[1]))
+        stalled.sendall(http_post(body)[: -len(body) // 2])
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        for seed in range(3):
+            payload = good_payload(2, seed=seed)
+            answer = request_json(f"{s.url}/score", payload, RetryPolicy(timeout=10.0, retries=0))
+            assert answer["scores"]["score"] == brightness(scorer.images[-1], None, None)["score"]
+        assert time.perf_counter() - t0 < 2.0 and scorer.calls == 3  # well before the stalled one is dropped
+        stalled.settimeout(10.0)
+        assert stalled.recv(1024) == b""  # then the server closes it, unanswered
+        stalled.close()
+    finally:
+        stop(s)
+
+
 def test_limits_refuse_bad_values():
     with pytest.raises(ValueError, match="--max-images must be a positive int"):
         Limits(max_images=0)
