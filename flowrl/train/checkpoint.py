@@ -158,6 +158,16 @@ def latest(run_dir: Path) -> Path | None:
     return good[-1][1] if good else None
 
 
+def resume_note(run_dir: Path, previous: bool = False) -> str:
+    """Where a failed run can continue from, for its error line (``previous``: a newer checkpoint just failed)."""
+    newest = latest(run_dir)
+    if newest is None:
+        return "no checkpoint was written yet (run.save_every sets how often one is)"
+    what = (f"the previous checkpoint {newest.name} is the newest complete one" if previous
+            else f"the newest complete checkpoint is {newest}")
+    return f"{what} (continue with --resume latest once the cause is fixed)"
+
+
 def resolve(spec: str, output_dir: str) -> tuple[Path, list[str]]:
     """The checkpoint folder that ``--resume spec`` names, and notes about folders it skipped.
 

@@ -68,15 +68,7 @@ def collective_failure(e: BaseException, cfg) -> guards.TrainingError | None:
     return guards.TrainingError(
         f"process {dist.get_rank()} of {dist.get_world_size()}: a collective operation failed ({detail}): another "
         f"process was lost, or did not answer within run.collective_timeout ({cfg.run.collective_timeout:g} s); "
-        f"{resume_note(Path(cfg.run.output_dir))}")
-
-
-def resume_note(run_dir: Path) -> str:
-    """Where a failed run can continue from, for its error line."""
-    newest = checkpoint.latest(run_dir)
-    if newest is None:
-        return "no checkpoint was written yet (run.save_every sets how often one is)"
-    return f"the newest complete checkpoint is {newest} (continue with --resume latest once the cause is fixed)"
+        f"{checkpoint.resume_note(Path(cfg.run.output_dir))}")
 
 
 def run(t) -> str | None:
@@ -93,7 +85,7 @@ def run(t) -> str | None:
             try:
                 row = t.iteration(it)
             except guards.TrainingError as e:  # a reward that keeps failing, say: the error says where to go on
-                raise guards.TrainingError(f"{e}; {resume_note(t.folder.path)}") from e
+                raise guards.TrainingError(f"{e}; {checkpoint.resume_note(t.folder.path)}") from e
             last = it + 1 == c.run.iterations
             if c.eval.every and t.eval_set is not None and ((it + 1) % c.eval.every == 0 or last):
                 row.update(t.evaluate(it))

@@ -120,9 +120,7 @@ class RunFolder:
                 checkpoint.remove(tmp)
             except OSError:
                 pass  # a .tmp- folder is never resumed from, and the next run's prune removes it
-        newest = checkpoint.latest(self.path)
-        previous = (f"the previous checkpoint {newest.name} is the newest complete one (continue with --resume "
-                    "latest once the cause is fixed)" if newest else "no complete checkpoint was written before")
+        previous = checkpoint.resume_note(self.path, previous=True)
         if error is None:
             rank = int(torch.nonzero(failed).flatten()[0])
             raise TrainingError(f"checkpoint {final.name} could not be written on process {rank} (its error is "
